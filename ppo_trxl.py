@@ -1,0 +1,838 @@
+"""PPO with a Transformer-XL episodic memory (PPO-TrXL) for partially observable tasks.
+
+Docs: README.md. A one-minute run on the CPU:
+
+    python ppo_trxl.py --env-id ProofofMemory-v0 --total-timesteps 25000 --num-envs 16 --num-steps 128 \
+        --update-epochs 4 --trxl-num-layers 4 --trxl-num-heads 1 --trxl-dim 64 --trxl-memory-length 16 \
+        --trxl-positional-encoding none --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 \
+        --clip-coef 0.2 --no-cuda
+
+How memory works here. Every layer caches its input at every step; at episode step t a layer attends to
+the cached inputs of the same episode's steps [t - w, t - 1], w = min(t, memory_length - 1): a band that
+ends just before the current step. The band of a sample is a slice of its env's timeline, the stream of
+steps that the env produced, so keys and values are computed once per cached step (not once per sample
+that sees it) and the attention scores of a whole env are one matrix product with a band mask.
+"""
+
+import importlib
+import math
+import os
+import random
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+
+import cv2
+import gymnasium as gym
+import memory_gym  # noqa: F401  (registers the Memory Gym ids)
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
+from torch.utils.tensorboard import SummaryWriter
+
+import pom_env  # noqa: F401  (registers ProofofMemory-v0)
+
+DEFAULT_EPISODE_LIMIT = 1024
+"""The episode limit T of envs that have none (the Endless ids): it sizes the positional encoding."""
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "cleanRL"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    save_model: bool = False
+    """whether to save the model into the `runs/{run_name}` folder"""
+
+    # Algorithm specific arguments
+    env_id: str = "MortarMayhem-Grid-v0"
+    """the id of the environment (`module:EnvId` imports the module that registers it)"""
+    total_timesteps: int = 200000000
+    """total timesteps of the experiments"""
+    init_lr: float = 2.75e-4
+    """the initial learning rate of the optimizer"""
+    final_lr: float = 1.0e-5
+    """the final learning rate of the optimizer after linearly annealing"""
+    num_envs: int = 32
+    """the number of parallel game environments"""
+    num_steps: int = 512
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_steps: int = 32 * 512 * 10000
+    """the number of steps to linearly anneal the learning rate and entropy coefficient from initial to final"""
+    gamma: float = 0.995
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int = 8
+    """the number of mini-batches (each holds whole env timelines, or equal chunks of them)"""
+    update_epochs: int = 3
+    """the K epochs to update the policy"""
+    norm_adv: bool = False
+    """toggles advantages normalization"""
+    clip_coef: float = 0.1
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """toggles whether or not to use a clipped loss for the value function, as per the paper"""
+    init_ent_coef: float = 0.0001
+    """initial coefficient of the entropy bonus"""
+    final_ent_coef: float = 0.000001
+    """final coefficient of the entropy bonus after linearly annealing"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.25
+    """the maximum norm for the gradient clipping"""
+    target_kl: Optional[float] = None
+    """the target KL divergence threshold"""
+
+    # Transformer-XL specific arguments
+    trxl_num_layers: int = 3
+    """the number of transformer layers"""
+    trxl_num_heads: int = 4
+    """the number of heads used in multi-head attention"""
+    trxl_dim: int = 384
+    """the dimension of the transformer"""
+    trxl_memory_length: int = 119
+    """the length of the memory window (clipped to the episode limit); the last memory_length - 1 steps are attended"""
+    trxl_positional_encoding: Literal["absolute", "learned", "none", ""] = "absolute"
+    """the positional encoding of the memory: absolute (sinusoids), learned, or none ("" also means none)"""
+    memory_dtype: Literal["float32", "bfloat16"] = "float32"
+    """the dtype in which the cached memory of the rollout is stored (bfloat16 halves it)"""
+
+    # Reconstruction loss
+    reconstruction_coef: float = 0.0
+    """the coefficient of the observation reconstruction loss, if set to 0.0 the reconstruction loss is not used"""
+
+    # to be filled in runtime
+    batch_size: int = field(init=False)
+    """the batch size (num_envs * num_steps)"""
+    minibatch_size: int = field(init=False)
+    """the mini-batch size (batch_size // num_minibatches)"""
+    num_iterations: int = field(init=False)
+    """the number of iterations (total_timesteps // batch_size)"""
+
+    def __post_init__(self):
+        self.batch_size = self.num_envs * self.num_steps
+        self.minibatch_size = self.batch_size // max(self.num_minibatches, 1)
+        self.num_iterations = self.total_timesteps // max(self.batch_size, 1)
+
+
+def fail(message):
+    """Stops the program with a one-line error that says what is wrong and how to fix it."""
+    raise SystemExit(f"error: {message}")
+
+
+def check_args(args):
+    """Rejects flag combinations that cannot work, before any env is created or file written."""
+    if min(args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) < 1:
+        fail("--num-envs, --num-steps, --num-minibatches and --update-epochs must all be at least 1")
+    time_chunks = args.num_minibatches // math.gcd(args.num_envs, args.num_minibatches)
+    if args.num_steps % time_chunks:
+        fail(
+            f"--num-minibatches {args.num_minibatches} cannot cut {args.num_envs} envs x {args.num_steps} steps into "
+            f"equal blocks: make it divide --num-envs, or make --num-steps divisible by {time_chunks}"
+        )
+    if args.num_iterations < 1:
+        fail(f"--total-timesteps {args.total_timesteps} is less than one batch ({args.batch_size} = num_envs x num_steps)")
+    if args.trxl_dim % args.trxl_num_heads:
+        fail(f"--trxl-dim {args.trxl_dim} is not divisible by --trxl-num-heads {args.trxl_num_heads}")
+    if args.trxl_num_layers < 1:
+        fail("--trxl-num-layers must be at least 1")
+    if args.trxl_memory_length < 2:
+        fail(
+            f"--trxl-memory-length {args.trxl_memory_length} is below 2: the window holds the current step, which is never attended"
+        )
+    if args.reconstruction_coef < 0:
+        fail("--reconstruction-coef must be 0 (off) or positive")
+
+
+def find_env_spec(env_id):
+    """The registered spec of env_id; `module:EnvId` first imports the module that registers EnvId."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            fail(f"cannot import module '{module}' of env id '{env_id}' ({error}): install it or fix the id")
+    try:
+        return gym.spec(name)
+    except gym.error.Error:
+        fail(
+            f"unknown env id '{name}': use a Memory Gym id (e.g. MortarMayhem-Grid-v0), MiniGrid-MemoryS9-v0, "
+            "ProofofMemory-v0, or module:EnvId for an env that a module registers"
+        )
+
+
+def is_memory_gym(env_id):
+    return str(find_env_spec(env_id).entry_point).startswith("memory_gym")
+
+
+def watch_render_mode(env_id):
+    """How to draw an env for people: Memory Gym can show the hidden ground truth, which the agent never sees."""
+    return "debug_rgb_array" if is_memory_gym(env_id) else "rgb_array"
+
+
+class VideoRecorder(gym.Wrapper):
+    """Writes episodes 0, 1, 8, 27, ... (cubes up to 1000, then every 1000th) to `folder/episode-{k}.mp4`.
+
+    A video appears under its final name only once its episode is over.
+    """
+
+    def __init__(self, env, folder, fps=30):
+        super().__init__(env)
+        self.folder, self.fps = folder, fps
+        self.episode, self.writer = -1, None
+        os.makedirs(folder, exist_ok=True)
+
+    def _record(self):
+        frame = cv2.cvtColor(np.ascontiguousarray(self.env.render()), cv2.COLOR_RGB2BGR)
+        if self.writer is None:
+            self.writer = cv2.VideoWriter(
+                self._path(".part.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, frame.shape[1::-1]
+            )
+        self.writer.write(frame)
+
+    def _path(self, suffix):
+        return os.path.join(self.folder, f"episode-{self.episode}{suffix}")
+
+    def _finish(self):
+        if self.writer is not None:
+            self.writer.release()
+            self.writer = None
+            os.replace(self._path(".part.mp4"), self._path(".mp4"))
+
+    def reset(self, **kwargs):
+        self._finish()
+        observation, info = self.env.reset(**kwargs)
+        self.episode += 1
+        cube_root = round(self.episode ** (1 / 3))
+        self.recording = cube_root**3 == self.episode if self.episode < 1000 else self.episode % 1000 == 0
+        if self.recording:
+            self._record()
+        return observation, info
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        if self.recording:
+            self._record()
+        return observation, reward, terminated, truncated, info
+
+    def close(self):
+        self._finish()
+        super().close()
+
+
+def make_env(env_id, idx, capture_video, run_name, render_mode=None):
+    """A thunk that builds env idx; with capture_video, env 0 records its episodes to `videos/{run_name}`."""
+
+    def thunk():
+        mode = render_mode or (watch_render_mode(env_id) if capture_video and idx == 0 else None)
+        if "MiniGrid" in env_id:
+            env = gym.make(env_id, agent_view_size=3, tile_size=28, render_mode=mode or "rgb_array")
+            env = ImgObsWrapper(RGBImgPartialObsWrapper(env, tile_size=28))
+            env = gym.wrappers.TimeLimit(env, 96)
+        else:
+            env = gym.make(env_id, render_mode=mode)
+        if capture_video and idx == 0:
+            env = VideoRecorder(env, f"videos/{run_name}")
+        return env
+
+    find_env_spec(env_id)
+    return thunk
+
+
+def episode_limit(env):
+    """The episode limit T of a (reset) env: its TimeLimit, Memory Gym's own `max_episode_steps`, else 1024."""
+    while isinstance(env, gym.Wrapper):
+        if isinstance(env, gym.wrappers.TimeLimit):
+            return env._max_episode_steps
+        env = env.env
+    limit = getattr(env, "max_episode_steps", -1)
+    return limit if limit > 0 else DEFAULT_EPISODE_LIMIT
+
+
+def action_branches(action_space):
+    """The number of choices of each action branch: Discrete(n) is one branch, MultiDiscrete one per entry."""
+    if isinstance(action_space, gym.spaces.Discrete):
+        return (int(action_space.n),)
+    if isinstance(action_space, gym.spaces.MultiDiscrete) and action_space.nvec.ndim == 1:
+        return tuple(int(n) for n in action_space.nvec)
+    fail(f"unsupported action space {action_space}: ppo_trxl.py takes Discrete or MultiDiscrete actions")
+
+
+def check_observation_space(observation_space, reconstruction_coef):
+    image = observation_space.shape == (84, 84, 3) and observation_space.dtype == np.uint8
+    vector = len(observation_space.shape) == 1
+    if not isinstance(observation_space, gym.spaces.Box) or not (image or vector):
+        fail(f"unsupported observation space {observation_space}: ppo_trxl.py takes an 84x84x3 uint8 image or a 1-D vector")
+    if reconstruction_coef > 0 and not image:
+        fail("--reconstruction-coef needs image observations; this env's are vectors: set it to 0")
+
+
+def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class PositionalEncoding(nn.Module):
+    """The `absolute` encoding: step s of an episode with limit T is encoded as the value v = T - 1 - s,
+    [sin(v * inv_freqs), cos(v * inv_freqs)]. Past T the same formula continues with negative v."""
+
+    def __init__(self, dim, max_episode_steps):
+        super().__init__()
+        self.max_episode_steps = max_episode_steps
+        self.register_buffer("inv_freqs", 10000 ** (-torch.arange(0, dim, 2.0) / dim))
+
+    def forward(self, steps):
+        # steps (...) int -> (..., dim)
+        angles = (self.max_episode_steps - 1 - steps).float().unsqueeze(-1) * self.inv_freqs
+        return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    """Every head projects its slice of width h = D / H with the same weights; scores are scaled by sqrt(D).
+
+    The key and value projections are linear maps without bias, so they can leave the memory slots:
+    a score q . keys(n) equals (q @ W_keys) . n, and a weighted sum of values(n) equals values of the
+    weighted sum of n. The memory is therefore only normalised, once per slot, and attended as it is.
+    """
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.dim, self.num_heads = dim, num_heads
+        head_size = dim // num_heads
+        self.values = nn.Linear(head_size, head_size, bias=False)
+        self.keys = nn.Linear(head_size, head_size, bias=False)
+        self.queries = nn.Linear(head_size, head_size, bias=False)
+        self.fc_out = nn.Linear(dim, dim)
+
+    def forward(self, query, slots, mask, fresh=None):
+        """query (N, S, D) normalised; slots (N, H, P, h) the normalised memory split into heads;
+        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not.
+
+        A query without any allowed slot attends uniformly over all P slots, as the published model does
+        at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
+        the mean of a fresh episode's window, whose slots hold zero memory.
+        """
+        queries = self.queries(query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2))  # (N, H, S, h)
+        scores = (queries @ self.keys.weight @ slots.transpose(-2, -1)).add_(mask).div_(self.dim**0.5)
+        weights = torch.softmax(scores, dim=-1)  # (N, H, S, P)
+        attended = (weights @ slots).transpose(1, 2)  # (N, S, H, h)
+        if fresh is not None:
+            has_slot, fresh_slot = fresh
+            attended = torch.where(has_slot, attended, fresh_slot)
+        return self.fc_out(self.values(attended).flatten(-2)), weights
+
+
+class TransformerLayer(nn.Module):
+    """A pre-layer-norm block; it attends to its own input cached at earlier steps (keys = values = norm_kv(memory))."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.attention = MultiHeadAttention(dim, num_heads)
+        self.layer_norm_q = nn.LayerNorm(dim)
+        self.norm_kv = nn.LayerNorm(dim)
+        self.layer_norm_attn = nn.LayerNorm(dim)
+        self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+
+    def forward(self, x, slots, mask, fresh=None):
+        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, fresh)
+        x = x + attended
+        return x + self.fc_projection(self.layer_norm_attn(x)), weights
+
+
+class Transformer(nn.Module):
+    def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding):
+        super().__init__()
+        self.num_heads = num_heads
+        self.max_episode_steps = max_episode_steps
+        self.positional_encoding = "" if positional_encoding == "none" else positional_encoding
+        if self.positional_encoding == "absolute":
+            self.pos_embedding = PositionalEncoding(dim, max_episode_steps)
+        elif self.positional_encoding == "learned":
+            self.pos_embedding = nn.Parameter(torch.randn(max_episode_steps, dim))
+        self.transformer_layers = nn.ModuleList([TransformerLayer(dim, num_heads) for _ in range(num_layers)])
+
+    def positions(self, steps):
+        """steps (...) episode steps -> (..., D) encodings; past the episode limit T, `learned` reuses its last row."""
+        if self.positional_encoding == "absolute":
+            return self.pos_embedding(steps)
+        return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
+
+    def normalise_memory(self, memory, steps):
+        """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> [(N, H, P, h)] * L, what each
+        layer attends to: norm_kv of the memory plus the positional encoding of its slot's episode step."""
+        if self.positional_encoding:
+            memory = memory + self.positions(steps).unsqueeze(-2)
+        return [
+            layer.norm_kv(memory[:, :, i]).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+            for i, layer in enumerate(self.transformer_layers)
+        ]
+
+    def fresh_slots(self, memory_length, device):
+        """(L, H, h): each layer's mean normalised slot over the window of a fresh episode (zero memory).
+
+        The slots differ only in their positional encoding, and every layer normalises it alike before
+        its own scale and shift, so the mean is taken once.
+        """
+        layers = self.transformer_layers
+        window = torch.zeros(memory_length, layers[0].norm_kv.normalized_shape[0], device=device)  # (M, D)
+        if self.positional_encoding:
+            window = self.positions(torch.arange(memory_length, device=device))
+        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=layers[0].norm_kv.eps).mean(0)  # (D,)
+        return torch.stack(
+            [torch.addcmul(layer.norm_kv.bias, mean_normalised, layer.norm_kv.weight) for layer in layers]
+        ).unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x, slots, allowed, fresh_slots=None):
+        """x (N, S, D) queries; slots [(N, H, P, h)] * L normalised memory; allowed (N, S, P) bool;
+        fresh_slots (L, H, h) for the queries that may attend no slot (the first step of an episode).
+
+        Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
+        and every layer's attention weights [(N, H, S, P)] * L.
+        """
+        mask = torch.zeros(allowed.shape, device=x.device).masked_fill_(~allowed, -1e20).unsqueeze(1)
+        has_slot = allowed.any(-1)[..., None, None]
+        layer_inputs, weights = [], []
+        for i, layer in enumerate(self.transformer_layers):
+            layer_inputs.append(x.detach())
+            x, layer_weights = layer(x, slots[i], mask, None if fresh_slots is None else (has_slot, fresh_slots[i]))
+            weights.append(layer_weights)
+        return x, torch.stack(layer_inputs, dim=-2), weights
+
+
+class Agent(nn.Module):
+    def __init__(self, args, observation_space, action_space_shape, max_episode_steps):
+        super().__init__()
+        self.obs_shape = observation_space.shape
+        self.max_episode_steps = max_episode_steps
+        dim = args.trxl_dim
+        if len(self.obs_shape) > 1:
+            self.encoder = nn.Sequential(
+                layer_init(nn.Conv2d(3, 32, 8, stride=4)),
+                nn.ReLU(),
+                layer_init(nn.Conv2d(32, 64, 4, stride=2)),
+                nn.ReLU(),
+                layer_init(nn.Conv2d(64, 64, 3, stride=1)),
+                nn.ReLU(),
+                nn.Flatten(),
+                layer_init(nn.Linear(64 * 7 * 7, dim)),
+                nn.ReLU(),
+            )
+        else:
+            self.encoder = layer_init(nn.Linear(self.obs_shape[0], dim))
+        self.transformer = Transformer(
+            args.trxl_num_layers, dim, args.trxl_num_heads, max_episode_steps, args.trxl_positional_encoding
+        )
+        self.hidden_post_trxl = nn.Sequential(layer_init(nn.Linear(dim, dim)), nn.ReLU())
+        self.actor_branches = nn.ModuleList([layer_init(nn.Linear(dim, n), std=0.1) for n in action_space_shape])
+        self.critic = layer_init(nn.Linear(dim, 1), std=1)
+        if args.reconstruction_coef > 0.0:
+            self.transposed_cnn = nn.Sequential(
+                layer_init(nn.Linear(dim, 64 * 7 * 7)),
+                nn.ReLU(),
+                nn.Unflatten(1, (64, 7, 7)),
+                layer_init(nn.ConvTranspose2d(64, 64, 3, stride=1)),
+                nn.ReLU(),
+                layer_init(nn.ConvTranspose2d(64, 32, 4, stride=2)),
+                nn.ReLU(),
+                layer_init(nn.ConvTranspose2d(32, 3, 8, stride=4)),
+                nn.Sigmoid(),
+            )
+
+    def encode(self, obs):
+        # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D)
+        if len(self.obs_shape) > 1:
+            obs = obs.permute(0, 3, 1, 2).float() / 255.0
+        return self.encoder(obs)
+
+    def policy_and_value(self, trxl_out, action=None):
+        """trxl_out (B, D) -> action (B, branches), log-probs (B, branches), entropy (B,), value (B,), hidden (B, D).
+
+        One categorical distribution per action branch; the entropy is summed over branches.
+        """
+        hidden = self.hidden_post_trxl(trxl_out)
+        branch_log_probs = [branch(hidden).log_softmax(-1) for branch in self.actor_branches]  # [(B, n_k)]
+        if action is None:
+            action = torch.stack([torch.multinomial(lp.exp(), 1).squeeze(1) for lp in branch_log_probs], dim=1)
+        log_probs = torch.stack(
+            [lp.gather(1, a.unsqueeze(1)).squeeze(1) for lp, a in zip(branch_log_probs, action.unbind(1))], 1
+        )
+        entropy = -sum((lp.exp() * lp).sum(-1) for lp in branch_log_probs)
+        return action, log_probs, entropy, self.critic(hidden).flatten(), hidden
+
+    def reconstruct_observation(self, hidden):
+        # hidden (B, D) -> (B, 84, 84, 3) in [0, 1]
+        return self.transposed_cnn(hidden).permute(0, 2, 3, 1)
+
+    def window_pass(self, x, memory, memory_mask, memory_indices):
+        """The published interface's transformer pass over explicit windows.
+
+        x (B, *obs_shape); memory (B, M, L, D): the window's cached layer inputs; memory_mask (B, M): which
+        slots may be attended; memory_indices (B, M): the episode step of every slot.
+        Returns the transformer output (B, D) and the new memory (B, L, D).
+        """
+        slots = self.transformer.normalise_memory(memory, memory_indices)
+        out, new_memory, _ = self.transformer(self.encode(x).unsqueeze(1), slots, memory_mask.bool().unsqueeze(1))
+        return out.squeeze(1), new_memory.squeeze(1)
+
+    def get_value(self, x, memory, memory_mask, memory_indices):
+        return self.policy_and_value(self.window_pass(x, memory, memory_mask, memory_indices)[0])[3]
+
+    def get_action_and_value(self, x, memory, memory_mask, memory_indices, action=None):
+        out, new_memory = self.window_pass(x, memory, memory_mask, memory_indices)
+        action, log_probs, entropy, value, _ = self.policy_and_value(out, action)
+        return action, log_probs, entropy, value, new_memory
+
+
+def band_mask(query_positions, episode_steps, num_slots, memory_length):
+    """Which timeline slots each query may attend: the same episode's last min(t, memory_length - 1) steps.
+
+    query_positions, episode_steps (N, S) -> allowed (N, S, num_slots) bool. A query at timeline slot p
+    and episode step t sees the slots [p - w, p - 1], w = min(t, memory_length - 1):
+
+        slot   . . . p-w . . . p-1  p  . . .
+        seen         x  x  x  x     -
+    """
+    ages = query_positions.unsqueeze(-1) - torch.arange(num_slots, device=query_positions.device)
+    width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
+    return (ages >= 1) & (ages <= width)
+
+
+class Timeline:
+    """Every env's recent stream of steps: the cached layer inputs that later steps attend to.
+
+    Slots [0, C) hold the last C = memory_length - 1 steps of the previous rollout (all that a band can
+    reach back), slots [C, C + num_steps) this rollout's steps:
+
+        slot   0 ......... C-1 | C ............... C+num_steps-1
+               previous rollout | this rollout: step s at slot C + s
+    """
+
+    def __init__(self, num_envs, num_steps, memory_length, num_layers, num_heads, dim, dtype, device):
+        self.context = memory_length - 1
+        self.memory_length = memory_length
+        slots = self.context + num_steps
+        self.memory = torch.zeros((num_envs, slots, num_layers, dim), dtype=dtype, device=device)  # (E, C+S, L, D)
+        self.steps = torch.zeros((num_envs, slots), dtype=torch.long, device=device)  # (E, C+S) episode steps
+        # the rollout's normalised memory under the current parameters: (L, E, H, C+S, h)
+        self.normalised = torch.zeros((num_layers, num_envs, num_heads, slots, dim // num_heads), device=device)
+
+    def carry_over(self):
+        """Moves the last C steps to the front, making room for the next rollout."""
+        if self.context > 0:
+            self.memory[:, : self.context] = self.memory[:, -self.context :].clone()
+            self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
+
+    @torch.inference_mode()
+    def normalise(self, transformer, slots):
+        """Normalises the slots (a slice) for the rollout."""
+        normalised = transformer.normalise_memory(self.memory[:, slots].float(), self.steps[:, slots])
+        self.normalised[..., slots, :] = torch.stack(normalised)
+
+
+@torch.inference_mode()
+def rollout_step(agent, timeline, fresh_slots, obs, episode_steps, s):
+    """The policy at rollout step s for all envs: each env attends to its band just before slot C + s,
+    whose slots the timeline has normalised. Returns action, log-probs, value, and every layer's input
+    (E, L, D) to cache at slot C + s."""
+    context = timeline.context
+    window = timeline.normalised[..., s : s + context, :]  # (L, E, H, C, h); the query sits at slot C
+    positions = torch.full_like(episode_steps, context).unsqueeze(1)
+    allowed = band_mask(positions, episode_steps.unsqueeze(1), context, timeline.memory_length)  # (E, 1, C)
+    out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, fresh_slots)
+    action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
+    return action, log_probs, value, layer_inputs.squeeze(1)
+
+
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
+    """Generalized advantage estimation. rewards, values, dones (E, S); next_value, next_done (E,).
+
+    dones[:, s] marks that obs s begins a new episode (the step before it ended one).
+    Returns advantages (E, S).
+    """
+    num_steps = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for s in reversed(range(num_steps)):
+        if s == num_steps - 1:
+            next_nonterminal, next_values = 1.0 - next_done.float(), next_value
+        else:
+            next_nonterminal, next_values = 1.0 - dones[:, s + 1].float(), values[:, s + 1]
+        delta = rewards[:, s] + gamma * next_values * next_nonterminal - values[:, s]
+        last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+        advantages[:, s] = last_gae
+    return advantages
+
+
+def minibatches(num_envs, num_steps, num_minibatches, device):
+    """Cuts the batch into num_minibatches blocks of a random group of envs x a chunk of their steps.
+
+    Blocks are whole env timelines when num_minibatches divides num_envs; otherwise the steps are cut
+    into equal chunks too. Yields (env indices (G,), first step, end step) in random order.
+    """
+    env_groups = math.gcd(num_envs, num_minibatches)
+    chunk = num_steps // (num_minibatches // env_groups)
+    groups = torch.randperm(num_envs, device=device).view(env_groups, -1)
+    blocks = [(group, start) for group in groups for start in range(0, num_steps, chunk)]
+    for i in torch.randperm(len(blocks)).tolist():
+        group, start = blocks[i]
+        yield group, start, start + chunk
+
+
+def evaluate(agent, timeline, env_indices, start, end, obs, actions):
+    """The update's pass over one block: steps [start, end) of the envs env_indices (G,).
+
+    Each slot that the block's bands reach, [start, C + end) of the timeline, is normalised once; every
+    env's queries then attend to its own slots through a band mask.
+    obs (G, Q, *obs_shape), actions (G, Q, branches) with Q = end - start.
+    Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
+    """
+    context, num_queries = timeline.context, end - start
+    memory = timeline.memory[env_indices, start : context + end].float()  # (G, C+Q, L, D)
+    steps = timeline.steps[env_indices, start : context + end]  # (G, C+Q)
+    slots = agent.transformer.normalise_memory(memory, steps)  # [(G, H, C+Q, h)] * L
+    positions = torch.arange(context, context + num_queries, device=obs.device).expand(len(env_indices), -1)
+    allowed = band_mask(positions, steps[:, context:], context + num_queries, timeline.memory_length)
+    fresh_slots = agent.transformer.fresh_slots(timeline.memory_length, obs.device)
+    x = agent.encode(obs.flatten(0, 1)).unflatten(0, (len(env_indices), num_queries))
+    out, _, _ = agent.transformer(x, slots, allowed, fresh_slots)
+    _, log_probs, entropy, value, hidden = agent.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
+    return log_probs, entropy, value, hidden
+
+
+def linear_schedule(initial, final, anneal_steps, step):
+    return initial + (final - initial) * min(step / anneal_steps, 1.0)
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    find_env_spec(args.env_id)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # Seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Environments
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)])
+    observation_space, action_space = envs.single_observation_space, envs.single_action_space
+    check_observation_space(observation_space, args.reconstruction_coef)
+    action_space_shape = action_branches(action_space)
+    # gymnasium 0.29's own vector RecordEpisodeStatistics trips its wrapper-attribute deprecation warning
+    warnings.filterwarnings("ignore", message=".*to get variables from other wrappers is deprecated")
+    envs = gym.wrappers.RecordEpisodeStatistics(envs)
+    next_obs, _ = envs.reset(seed=args.seed)
+    max_episode_steps = episode_limit(envs.unwrapped.envs[0])
+    memory_length = min(args.trxl_memory_length, max_episode_steps)
+    saved_args = {**vars(args), "trxl_memory_length": memory_length}
+
+    # Logging
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=saved_args,
+            name=run_name,
+            save_code=True,
+        )
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in saved_args.items()])),
+    )
+
+    agent = Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=args.init_lr, fused=True)
+
+    # Storage, env-major: (E, S, ...)
+    E, S, B = args.num_envs, args.num_steps, len(action_space_shape)
+    obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
+    obs = torch.zeros((E, S) + observation_space.shape, dtype=obs_dtype, device=device)
+    actions = torch.zeros((E, S, B), dtype=torch.long, device=device)
+    logprobs = torch.zeros((E, S, B), device=device)
+    rewards = torch.zeros((E, S), device=device)
+    values = torch.zeros((E, S), device=device)
+    timeline = Timeline(
+        E,
+        S,
+        memory_length,
+        args.trxl_num_layers,
+        args.trxl_num_heads,
+        args.trxl_dim,
+        getattr(torch, args.memory_dtype),
+        device,
+    )
+    context = timeline.context
+
+    next_obs = torch.as_tensor(next_obs, device=device)
+    next_episode_steps = torch.zeros(E, dtype=torch.long, device=device)  # (E,) episode step of next_obs
+    episode_infos = deque(maxlen=100)
+    global_step = 0
+    start_time = time.time()
+
+    for iteration in range(1, args.num_iterations + 1):
+        learning_rate = linear_schedule(args.init_lr, args.final_lr, args.anneal_steps, global_step)
+        ent_coef = linear_schedule(args.init_ent_coef, args.final_ent_coef, args.anneal_steps, global_step)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = learning_rate
+
+        # Rollout: the carried-over slots are normalised anew with the current parameters
+        timeline.carry_over()
+        timeline.normalise(agent.transformer, slice(0, context))
+        with torch.inference_mode():
+            fresh_slots = agent.transformer.fresh_slots(memory_length, device)
+        for s in range(S):
+            global_step += E
+            obs[:, s] = next_obs
+            timeline.steps[:, context + s] = next_episode_steps
+            action, logprob, value, layer_inputs = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, s)
+            actions[:, s], logprobs[:, s], values[:, s] = action, logprob, value
+            timeline.memory[:, context + s] = layer_inputs
+            timeline.normalise(agent.transformer, slice(context + s, context + s + 1))
+
+            cpu_action = action.cpu().numpy()
+            next_obs, reward, terminations, truncations, infos = envs.step(
+                cpu_action[:, 0] if isinstance(action_space, gym.spaces.Discrete) else cpu_action
+            )
+            rewards[:, s] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+            next_obs = torch.as_tensor(next_obs, device=device)
+            next_done = torch.as_tensor(np.logical_or(terminations, truncations), device=device)
+            next_episode_steps = torch.where(next_done, 0, next_episode_steps + 1)
+            if "_episode" in infos:
+                finished = infos["_episode"]
+                for key in ("r", "l", "t"):
+                    infos["episode"][key] = infos["episode"][key][finished]
+                episode_infos.extend(zip(*(infos["episode"][key] for key in ("r", "l", "t"))))
+
+        # Bootstrap value with the same band rule as the rollout, then GAE
+        _, _, next_value, _ = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, S)
+        dones = timeline.steps[:, context:] == 0
+        advantages = compute_gae(rewards, values, dones, next_value, next_episode_steps == 0, args.gamma, args.gae_lambda)
+        returns = advantages + values
+
+        # Update: every minibatch is a block of whole env timelines (or equal chunks of them)
+        stats = []
+        for epoch in range(args.update_epochs):
+            for mb_envs, start, end in minibatches(E, S, args.num_minibatches, device):
+                mb = (mb_envs, slice(start, end))
+                mb_obs = obs[mb]  # (G, Q, *obs_shape)
+                newlogprob, entropy, newvalue, hidden = evaluate(agent, timeline, mb_envs, start, end, mb_obs, actions[mb])
+                mb_logprobs = logprobs[mb].flatten(0, 1)  # (G*Q, branches)
+                mb_advantages = advantages[mb].flatten()
+                mb_returns = returns[mb].flatten()
+                mb_values = values[mb].flatten()
+                if args.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                mb_advantages = mb_advantages.unsqueeze(1)  # the same advantage for every action branch
+
+                logratio = newlogprob - mb_logprobs
+                ratio = logratio.exp()
+                pg_loss1 = -mb_advantages * ratio
+                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                if args.clip_vloss:
+                    v_loss_unclipped = (newvalue - mb_returns) ** 2
+                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()
+                else:
+                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+                entropy_loss = entropy.mean()
+                loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef
+                r_loss = torch.zeros((), device=device)
+                if args.reconstruction_coef > 0.0:
+                    r_loss = F.mse_loss(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
+                    loss = loss + args.reconstruction_coef * r_loss
+
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+                optimizer.step()
+
+                with torch.no_grad():
+                    old_approx_kl = (-logratio).mean()
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+                stats.append(torch.stack([pg_loss, v_loss, entropy_loss, r_loss, loss, old_approx_kl, approx_kl, clipfrac]))
+            if args.target_kl is not None and approx_kl.item() > args.target_kl:
+                break
+
+        # Logging, one host sync per iteration
+        pg_loss, v_loss, entropy_loss, r_loss, loss, old_approx_kl, approx_kl, clipfrac = torch.stack(stats).mean(0).tolist()
+        y_pred, y_true = values.flatten(), returns.flatten()
+        var_y = y_true.var()
+        explained_var = (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan")
+        sps = int(global_step / (time.time() - start_time))
+        scalars = {
+            "episode/advantage_mean": advantages.mean().item(),
+            "episode/value_mean": values.mean().item(),
+            "charts/SPS": sps,
+            "charts/learning_rate": learning_rate,
+            "charts/entropy_coefficient": ent_coef,
+            "losses/value_loss": v_loss,
+            "losses/policy_loss": pg_loss,
+            "losses/entropy": entropy_loss,
+            "losses/reconstruction_loss": r_loss,
+            "losses/loss": loss,
+            "losses/old_approx_kl": old_approx_kl,
+            "losses/approx_kl": approx_kl,
+            "losses/clipfrac": clipfrac,
+            "losses/explained_variance": explained_var,
+        }
+        if episode_infos:
+            r_mean, l_mean, t_mean = (float(np.mean(column)) for column in zip(*episode_infos))
+            scalars.update({"episode/r_mean": r_mean, "episode/l_mean": l_mean, "episode/t_mean": t_mean})
+            scalars.update({"charts/episodic_return": r_mean, "charts/episodic_length": l_mean})
+        for name, scalar in scalars.items():
+            writer.add_scalar(name, scalar, global_step)
+        progress = f"return {r_mean:.2f} | length {l_mean:.1f}" if episode_infos else "no episode finished yet"
+        eta = format_duration((args.num_iterations * args.batch_size - global_step) / max(sps, 1))
+        print(
+            f"iteration {iteration}/{args.num_iterations} | step {global_step}/{args.num_iterations * args.batch_size}"
+            f" | {sps} SPS | {progress} | remaining {eta}",
+            flush=True,
+        )
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        torch.save({"model_weights": agent.state_dict(), "args": saved_args}, model_path + ".tmp")
+        os.replace(model_path + ".tmp", model_path)
+        print(f"model saved to {model_path}")
+
+    writer.close()
+    envs.close()
+    if args.track:
+        wandb.finish()
