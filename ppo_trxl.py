@@ -463,7 +463,7 @@ class Agent(nn.Module):
     def encode(self, obs):
         # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D)
         if len(self.obs_shape) > 1:
-            obs = obs.permute(0, 3, 1, 2).float() / 255.0
+            obs = obs.permute(0, 3, 1, 2) / 255.0
         return self.encoder(obs)
 
     def policy_and_value(self, trxl_out, action=None):
@@ -490,17 +490,18 @@ class Agent(nn.Module):
 
         x (B, *obs_shape); memory (B, M, L, D): the window's cached layer inputs; memory_mask (B, M): which
         slots may be attended; memory_indices (B, M): the episode step of every slot.
-        Returns the transformer output (B, D) and the new memory (B, L, D).
+        Returns the transformer output (B, D), the new memory (B, L, D) and every layer's attention
+        weights over the window [(B, H, M)] * L.
         """
         slots = self.transformer.normalise_memory(memory, memory_indices)
-        out, new_memory, _ = self.transformer(self.encode(x).unsqueeze(1), slots, memory_mask.bool().unsqueeze(1))
-        return out.squeeze(1), new_memory.squeeze(1)
+        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, memory_mask.bool().unsqueeze(1))
+        return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
 
     def get_value(self, x, memory, memory_mask, memory_indices):
         return self.policy_and_value(self.window_pass(x, memory, memory_mask, memory_indices)[0])[3]
 
     def get_action_and_value(self, x, memory, memory_mask, memory_indices, action=None):
-        out, new_memory = self.window_pass(x, memory, memory_mask, memory_indices)
+        out, new_memory, _ = self.window_pass(x, memory, memory_mask, memory_indices)
         action, log_probs, entropy, value, _ = self.policy_and_value(out, action)
         return action, log_probs, entropy, value, new_memory
 
@@ -563,6 +564,62 @@ def rollout_step(agent, timeline, fresh_slots, obs, episode_steps, s):
     out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, fresh_slots)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
     return action, log_probs, value, layer_inputs.squeeze(1)
+
+
+class Rollout:
+    """One rollout's samples, env-major (E, S, ...), and the timeline of cached memory that they attend to."""
+
+    def __init__(self, args, observation_space, num_branches, memory_length, device):
+        E, S = args.num_envs, args.num_steps
+        obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
+        self.obs = torch.zeros((E, S) + observation_space.shape, dtype=obs_dtype, device=device)
+        self.actions = torch.zeros((E, S, num_branches), dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((E, S, num_branches), device=device)
+        self.rewards = torch.zeros((E, S), device=device)
+        self.values = torch.zeros((E, S), device=device)
+        memory_dtype = getattr(torch, args.memory_dtype)
+        self.timeline = Timeline(
+            E, S, memory_length, args.trxl_num_layers, args.trxl_num_heads, args.trxl_dim, memory_dtype, device
+        )
+
+    def episode_starts(self):
+        """(E, S) bool: which samples are the first step of an episode."""
+        return self.timeline.steps[:, self.timeline.context :] == 0
+
+
+def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps):
+    """Steps every env num_steps times with the current policy, filling rollout.
+
+    next_obs (E, *obs_shape) and next_episode_steps (E,) are where the envs stand. Returns the same after
+    the rollout, the bootstrap value of next_obs (E,), and the finished episodes as (return, length, time).
+    """
+    timeline, context = rollout.timeline, rollout.timeline.context
+    device = next_obs.device
+    timeline.carry_over()
+    timeline.normalise(agent.transformer, slice(0, context))  # the carried-over slots, with the current parameters
+    with torch.inference_mode():
+        fresh_slots = agent.transformer.fresh_slots(timeline.memory_length, device)
+    finished_episodes = []
+    for s in range(rollout.obs.shape[1]):
+        rollout.obs[:, s] = next_obs
+        timeline.steps[:, context + s] = next_episode_steps
+        action, logprob, value, layer_inputs = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, s)
+        rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
+        timeline.memory[:, context + s] = layer_inputs
+        timeline.normalise(agent.transformer, slice(context + s, context + s + 1))
+
+        next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy().reshape(envs.action_space.shape))
+        rollout.rewards[:, s] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+        next_obs = torch.as_tensor(next_obs, device=device)
+        next_done = torch.as_tensor(np.logical_or(terminations, truncations), device=device)
+        next_episode_steps = torch.where(next_done, 0, next_episode_steps + 1)
+        if "_episode" in infos:
+            finished = infos["_episode"]
+            finished_episodes.extend(zip(*(infos["episode"][key][finished].tolist() for key in ("r", "l", "t"))))
+
+    # The bootstrap value follows the same band rule as every rollout step
+    _, _, next_value, _ = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, rollout.obs.shape[1])
+    return next_obs, next_episode_steps, next_value, finished_episodes
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
@@ -676,29 +733,10 @@ if __name__ == "__main__":
 
     agent = Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
     optimizer = torch.optim.AdamW(agent.parameters(), lr=args.init_lr, fused=True)
-
-    # Storage, env-major: (E, S, ...)
-    E, S, B = args.num_envs, args.num_steps, len(action_space_shape)
-    obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
-    obs = torch.zeros((E, S) + observation_space.shape, dtype=obs_dtype, device=device)
-    actions = torch.zeros((E, S, B), dtype=torch.long, device=device)
-    logprobs = torch.zeros((E, S, B), device=device)
-    rewards = torch.zeros((E, S), device=device)
-    values = torch.zeros((E, S), device=device)
-    timeline = Timeline(
-        E,
-        S,
-        memory_length,
-        args.trxl_num_layers,
-        args.trxl_num_heads,
-        args.trxl_dim,
-        getattr(torch, args.memory_dtype),
-        device,
-    )
-    context = timeline.context
+    rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device)
 
     next_obs = torch.as_tensor(next_obs, device=device)
-    next_episode_steps = torch.zeros(E, dtype=torch.long, device=device)  # (E,) episode step of next_obs
+    next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # (E,) episode step of next_obs
     episode_infos = deque(maxlen=100)
     global_step = 0
     start_time = time.time()
@@ -709,51 +747,35 @@ if __name__ == "__main__":
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate
 
-        # Rollout: the carried-over slots are normalised anew with the current parameters
-        timeline.carry_over()
-        timeline.normalise(agent.transformer, slice(0, context))
-        with torch.inference_mode():
-            fresh_slots = agent.transformer.fresh_slots(memory_length, device)
-        for s in range(S):
-            global_step += E
-            obs[:, s] = next_obs
-            timeline.steps[:, context + s] = next_episode_steps
-            action, logprob, value, layer_inputs = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, s)
-            actions[:, s], logprobs[:, s], values[:, s] = action, logprob, value
-            timeline.memory[:, context + s] = layer_inputs
-            timeline.normalise(agent.transformer, slice(context + s, context + s + 1))
-
-            cpu_action = action.cpu().numpy()
-            next_obs, reward, terminations, truncations, infos = envs.step(
-                cpu_action[:, 0] if isinstance(action_space, gym.spaces.Discrete) else cpu_action
-            )
-            rewards[:, s] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            next_obs = torch.as_tensor(next_obs, device=device)
-            next_done = torch.as_tensor(np.logical_or(terminations, truncations), device=device)
-            next_episode_steps = torch.where(next_done, 0, next_episode_steps + 1)
-            if "_episode" in infos:
-                finished = infos["_episode"]
-                for key in ("r", "l", "t"):
-                    infos["episode"][key] = infos["episode"][key][finished]
-                episode_infos.extend(zip(*(infos["episode"][key] for key in ("r", "l", "t"))))
-
-        # Bootstrap value with the same band rule as the rollout, then GAE
-        _, _, next_value, _ = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, S)
-        dones = timeline.steps[:, context:] == 0
-        advantages = compute_gae(rewards, values, dones, next_value, next_episode_steps == 0, args.gamma, args.gae_lambda)
-        returns = advantages + values
+        next_obs, next_episode_steps, next_value, finished_episodes = collect_rollout(
+            agent, envs, rollout, next_obs, next_episode_steps
+        )
+        global_step += args.batch_size
+        episode_infos.extend(finished_episodes)
+        advantages = compute_gae(
+            rollout.rewards,
+            rollout.values,
+            rollout.episode_starts(),
+            next_value,
+            next_episode_steps == 0,
+            args.gamma,
+            args.gae_lambda,
+        )
+        returns = advantages + rollout.values
 
         # Update: every minibatch is a block of whole env timelines (or equal chunks of them)
         stats = []
         for epoch in range(args.update_epochs):
-            for mb_envs, start, end in minibatches(E, S, args.num_minibatches, device):
+            for mb_envs, start, end in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
                 mb = (mb_envs, slice(start, end))
-                mb_obs = obs[mb]  # (G, Q, *obs_shape)
-                newlogprob, entropy, newvalue, hidden = evaluate(agent, timeline, mb_envs, start, end, mb_obs, actions[mb])
-                mb_logprobs = logprobs[mb].flatten(0, 1)  # (G*Q, branches)
+                mb_obs = rollout.obs[mb]  # (G, Q, *obs_shape)
+                newlogprob, entropy, newvalue, hidden = evaluate(
+                    agent, rollout.timeline, mb_envs, start, end, mb_obs, rollout.actions[mb]
+                )
+                mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (G*Q, branches)
                 mb_advantages = advantages[mb].flatten()
                 mb_returns = returns[mb].flatten()
-                mb_values = values[mb].flatten()
+                mb_values = rollout.values[mb].flatten()
                 if args.norm_adv:
                     mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
                 mb_advantages = mb_advantages.unsqueeze(1)  # the same advantage for every action branch
@@ -792,13 +814,13 @@ if __name__ == "__main__":
 
         # Logging, one host sync per iteration
         pg_loss, v_loss, entropy_loss, r_loss, loss, old_approx_kl, approx_kl, clipfrac = torch.stack(stats).mean(0).tolist()
-        y_pred, y_true = values.flatten(), returns.flatten()
+        y_pred, y_true = rollout.values.flatten(), returns.flatten()
         var_y = y_true.var()
         explained_var = (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan")
         sps = int(global_step / (time.time() - start_time))
         scalars = {
             "episode/advantage_mean": advantages.mean().item(),
-            "episode/value_mean": values.mean().item(),
+            "episode/value_mean": rollout.values.mean().item(),
             "charts/SPS": sps,
             "charts/learning_rate": learning_rate,
             "charts/entropy_coefficient": ent_coef,
