@@ -260,6 +260,22 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     return thunk
 
 
+def make_envs(args, run_name, seed):
+    """The vector env of args.num_envs envs, reset with seed, with what the model needs to know of it.
+
+    Returns envs, the first observations, the observation space, the action branches and the episode limit.
+    """
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)])
+    observation_space, action_space = envs.single_observation_space, envs.single_action_space
+    check_observation_space(observation_space, args.reconstruction_coef)
+    action_space_shape = action_branches(action_space)
+    # gymnasium 0.29's own vector RecordEpisodeStatistics trips its wrapper-attribute deprecation warning
+    warnings.filterwarnings("ignore", message=".*to get variables from other wrappers is deprecated")
+    envs = gym.wrappers.RecordEpisodeStatistics(envs)
+    next_obs, _ = envs.reset(seed=seed)
+    return envs, next_obs, observation_space, action_space_shape, episode_limit(envs.unwrapped.envs[0])
+
+
 def episode_limit(env):
     """The episode limit T of a (reset) env: its TimeLimit, Memory Gym's own `max_episode_steps`, else 1024."""
     while isinstance(env, gym.Wrapper):
@@ -701,15 +717,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Environments
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)])
-    observation_space, action_space = envs.single_observation_space, envs.single_action_space
-    check_observation_space(observation_space, args.reconstruction_coef)
-    action_space_shape = action_branches(action_space)
-    # gymnasium 0.29's own vector RecordEpisodeStatistics trips its wrapper-attribute deprecation warning
-    warnings.filterwarnings("ignore", message=".*to get variables from other wrappers is deprecated")
-    envs = gym.wrappers.RecordEpisodeStatistics(envs)
-    next_obs, _ = envs.reset(seed=args.seed)
-    max_episode_steps = episode_limit(envs.unwrapped.envs[0])
+    envs, next_obs, observation_space, action_space_shape, max_episode_steps = make_envs(args, run_name, args.seed)
     memory_length = min(args.trxl_memory_length, max_episode_steps)
     saved_args = {**vars(args), "trxl_memory_length": memory_length}
 

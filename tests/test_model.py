@@ -1,0 +1,169 @@
+"""The model against the published one, and the trainer's bookkeeping: the update sees what the rollout saw."""
+
+import types
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import ppo_trxl
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "published_format_vector.pt"
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    if not GOLDEN.exists():
+        pytest.skip("the golden checkpoint is not beside this clone")
+    return torch.load(GOLDEN, weights_only=True)
+
+
+def golden_agent(golden):
+    checkpoint, meta = golden["checkpoint"], golden["meta"]
+    observation_space = gym.spaces.Box(-1.0, 1.0, tuple(meta["observation_space"]["shape"]), dtype=np.float32)
+    agent = ppo_trxl.Agent(
+        types.SimpleNamespace(**checkpoint["args"]),
+        observation_space,
+        tuple(meta["action_space_shape"]),
+        meta["max_episode_steps"],
+    )
+    agent.load_state_dict(checkpoint["model_weights"], strict=True)
+    return agent.eval()
+
+
+@pytest.mark.parametrize("part", ["batch", "single"])
+@torch.no_grad()
+def test_published_interface_matches_golden_outputs(golden, part):
+    agent = golden_agent(golden)
+    batch = golden["batch"]
+    rows = slice(None) if part == "batch" else slice(golden["single"]["row"], golden["single"]["row"] + 1)
+    inputs = [batch[key][rows] for key in ("obs", "memory_window", "memory_mask", "memory_indices")]
+    expected = golden[part]["outputs"]
+
+    _, log_probs, entropy, value, new_memory = agent.get_action_and_value(*inputs, batch["actions"][rows])
+    torch.testing.assert_close(log_probs, expected["log_probs"], **TOLERANCE)
+    torch.testing.assert_close(entropy, expected["entropy"], **TOLERANCE)
+    torch.testing.assert_close(value, expected["value"], **TOLERANCE)
+    torch.testing.assert_close(new_memory, expected["new_memory"], **TOLERANCE)
+    torch.testing.assert_close(agent.get_value(*inputs), expected["get_value"], **TOLERANCE)
+    out, _, _ = agent.window_pass(*inputs)
+    hidden = agent.hidden_post_trxl(out)
+    torch.testing.assert_close(hidden, expected["hidden_post_trxl"], **TOLERANCE)
+    torch.testing.assert_close(agent.actor_branches[0](hidden), expected["logits"][0], **TOLERANCE)
+
+
+@torch.no_grad()
+def test_trainer_paths_replay_the_golden_episode(golden):
+    """The rollout's and the update's fast paths reproduce an episode played by the published model."""
+    agent = golden_agent(golden)
+    episode = golden["rollout"]
+    args = types.SimpleNamespace(**golden["checkpoint"]["args"])
+    length = episode["obs"].shape[0]
+    timeline = ppo_trxl.Timeline(
+        1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_num_heads, args.trxl_dim, torch.float32, "cpu"
+    )
+    context, memory_length = timeline.context, timeline.memory_length
+    fresh_slots = agent.transformer.fresh_slots(memory_length, "cpu")
+    values = []
+    for t in range(length):
+        episode_steps = torch.tensor([t])
+        timeline.steps[:, context + t] = episode_steps
+        _, _, value, layer_inputs = ppo_trxl.rollout_step(
+            agent, timeline, fresh_slots, episode["obs"][t : t + 1], episode_steps, t
+        )
+        timeline.memory[:, context + t] = layer_inputs
+        timeline.normalise(agent.transformer, slice(context + t, context + t + 1))
+        values.append(value)
+    expected = episode["per_step_outputs"]
+    torch.testing.assert_close(torch.cat(values), expected["value"], **TOLERANCE)
+    torch.testing.assert_close(timeline.memory[0, context:], episode["final_episode_memory"], **TOLERANCE)
+
+    log_probs, entropy, value, _ = ppo_trxl.evaluate(
+        agent, timeline, torch.tensor([0]), 0, length, episode["obs"].unsqueeze(0), episode["actions"].unsqueeze(0)
+    )
+    torch.testing.assert_close(log_probs, expected["log_probs"], **TOLERANCE)
+    torch.testing.assert_close(entropy, expected["entropy"], **TOLERANCE)
+    torch.testing.assert_close(value, expected["value"], **TOLERANCE)
+
+
+def published_window(timeline, env, slot, t, memory_length):
+    """The window that the published model is given at episode step t, for the step at a timeline slot.
+
+    Its slots are the episode steps [0..M-1] while t < M, else [t-M+1..t]; those not yet played hold
+    zeros; the mask allows the steps before t, whose memory stands t - step slots before this one.
+    """
+    first = 0 if t < memory_length else t - memory_length + 1
+    memory = torch.zeros((memory_length,) + timeline.memory.shape[2:])
+    indices = torch.arange(first, first + memory_length)
+    mask = torch.zeros(memory_length)
+    for i, step in enumerate(indices.tolist()):
+        if step < t:
+            memory[i] = timeline.memory[env, slot - (t - step)].float()
+            mask[i] = 1.0
+    return memory, mask, indices
+
+
+CONFIGS = {
+    "pom-absolute-1head": dict(env_id="ProofofMemory-v0", trxl_positional_encoding="absolute", trxl_num_heads=1),
+    "pom-learned-bf16": dict(env_id="ProofofMemory-v0", trxl_positional_encoding="learned", memory_dtype="bfloat16"),
+    "mortar-multidiscrete-none": dict(env_id="MortarMayhem-v0", trxl_positional_encoding="none", trxl_num_heads=4),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_update_sees_what_the_rollout_saw(config):
+    """Before any gradient step, the update's log-probs and values equal the rollout's for every sample,
+    and both equal the published model given the window the published rule builds step by step."""
+    torch.manual_seed(0)
+    small = dict(
+        num_envs=3, num_steps=24, num_minibatches=2, trxl_dim=16, trxl_num_layers=2, trxl_num_heads=2, trxl_memory_length=9
+    )
+    args = ppo_trxl.Args(**{**small, **config})
+    envs, next_obs, observation_space, action_space_shape, max_episode_steps = ppo_trxl.make_envs(args, "test", seed=3)
+    memory_length = min(args.trxl_memory_length, max_episode_steps)
+    agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, "cpu")
+    timeline, context = rollout.timeline, rollout.timeline.context
+    next_obs = torch.as_tensor(next_obs)
+    next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long)
+
+    seen = dict(first_step=0, reaches_back=0, full_window=0)
+    for _ in range(3):
+        next_obs, next_episode_steps, next_value, _ = ppo_trxl.collect_rollout(
+            agent, envs, rollout, next_obs, next_episode_steps
+        )
+        with torch.no_grad():
+            for env_indices, start, end in [(torch.arange(args.num_envs), 0, args.num_steps), (torch.tensor([2, 0]), 8, 20)]:
+                block = (env_indices, slice(start, end))
+                log_probs, _, value, _ = ppo_trxl.evaluate(
+                    agent, timeline, env_indices, start, end, rollout.obs[block], rollout.actions[block]
+                )
+                torch.testing.assert_close(log_probs, rollout.logprobs[block].flatten(0, 1), **TOLERANCE)
+                torch.testing.assert_close(value, rollout.values[block].flatten(), **TOLERANCE)
+
+            for env in range(args.num_envs):
+                for s in range(args.num_steps + 1):
+                    slot = context + s
+                    if s < args.num_steps:
+                        obs, action = rollout.obs[env, s], rollout.actions[env, s]
+                        expected_log_probs, expected_value = rollout.logprobs[env, s], rollout.values[env, s]
+                        t = int(timeline.steps[env, slot])
+                    else:  # the bootstrap value of the obs after the rollout
+                        obs, action, expected_log_probs = next_obs[env], None, None
+                        expected_value, t = next_value[env], int(next_episode_steps[env])
+                    window = published_window(timeline, env, slot, t, memory_length)
+                    _, log_probs, _, value, _ = agent.get_action_and_value(
+                        obs.unsqueeze(0),
+                        *(part.unsqueeze(0) for part in window),
+                        None if action is None else action.unsqueeze(0),
+                    )
+                    torch.testing.assert_close(value[0], expected_value, **TOLERANCE)
+                    if expected_log_probs is not None:
+                        torch.testing.assert_close(log_probs[0], expected_log_probs, **TOLERANCE)
+                    seen["first_step"] += t == 0
+                    seen["reaches_back"] += s < min(t, context)
+                    seen["full_window"] += t >= memory_length
+    assert all(count > 0 for count in seen.values()), seen
