@@ -14,15 +14,18 @@ steps that the env produced, so keys and values are computed once per cached ste
 that sees it) and the attention scores of a whole env are one matrix product with a band mask.
 """
 
+import dataclasses
+import glob
 import importlib
 import math
 import os
 import random
+import signal
 import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
@@ -39,6 +42,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import pom_env  # noqa: F401  (registers ProofofMemory-v0)
 
+POSITIONAL_ENCODINGS = ("absolute", "learned", "none", "")
 DEFAULT_EPISODE_LIMIT = 1024
 """The episode limit T of envs that have none (the Endless ids): it sizes the positional encoding."""
 
@@ -113,14 +117,22 @@ class Args:
     """the dimension of the transformer"""
     trxl_memory_length: int = 119
     """the length of the memory window (clipped to the episode limit); the last memory_length - 1 steps are attended"""
-    trxl_positional_encoding: Literal["absolute", "learned", "none", ""] = "absolute"
+    trxl_positional_encoding: str = "absolute"
     """the positional encoding of the memory: absolute (sinusoids), learned, or none ("" also means none)"""
-    memory_dtype: Literal["float32", "bfloat16"] = "float32"
-    """the dtype in which the cached memory of the rollout is stored (bfloat16 halves it)"""
+    memory_dtype: str = "float32"
+    """the dtype in which the cached memory of the rollout is stored: float32, or bfloat16 to halve it"""
 
     # Reconstruction loss
     reconstruction_coef: float = 0.0
     """the coefficient of the observation reconstruction loss, if set to 0.0 the reconstruction loss is not used"""
+
+    # Long runs
+    checkpoint_interval: int = 0
+    """write a training checkpoint every this many iterations to `runs/{run_name}/checkpoints` (0: only when stopped by a signal)"""
+    keep_checkpoints: int = 3
+    """how many of the newest training checkpoints to keep"""
+    resume: Optional[str] = None
+    """a training checkpoint or a run directory whose newest checkpoint to continue; its flags are the defaults"""
 
     # to be filled in runtime
     batch_size: int = field(init=False)
@@ -163,6 +175,12 @@ def check_args(args):
         )
     if args.reconstruction_coef < 0:
         fail("--reconstruction-coef must be 0 (off) or positive")
+    if args.trxl_positional_encoding not in POSITIONAL_ENCODINGS:
+        fail(f"unknown --trxl-positional-encoding '{args.trxl_positional_encoding}': choose absolute, learned or none")
+    if args.memory_dtype not in ("float32", "bfloat16"):
+        fail(f"unknown --memory-dtype '{args.memory_dtype}': choose float32 or bfloat16")
+    if args.checkpoint_interval < 0 or args.keep_checkpoints < 1:
+        fail("--checkpoint-interval must be 0 (off) or positive, and --keep-checkpoints at least 1")
 
 
 def find_env_spec(env_id):
@@ -442,7 +460,7 @@ class Agent(nn.Module):
         super().__init__()
         self.obs_shape = observation_space.shape
         self.max_episode_steps = max_episode_steps
-        dim = args.trxl_dim
+        self.transformer_dim = dim = args.trxl_dim
         if len(self.obs_shape) > 1:
             self.encoder = nn.Sequential(
                 layer_init(nn.Conv2d(3, 32, 8, stride=4)),
@@ -673,25 +691,137 @@ def minibatches(num_envs, num_steps, num_minibatches, device):
         yield group, start, start + chunk
 
 
+def query_chunk(num_queries, context):
+    """The length of the chunks into which evaluate cuts a block's steps: the smallest divisor of
+    num_queries that is at least half the context, so that each chunk attends to few slots outside
+    its bands while the windows of neighbouring chunks overlap little."""
+    return next(size for size in range(1, num_queries + 1) if num_queries % size == 0 and 2 * size >= context)
+
+
 def evaluate(agent, timeline, env_indices, start, end, obs, actions):
     """The update's pass over one block: steps [start, end) of the envs env_indices (G,).
 
-    Each slot that the block's bands reach, [start, C + end) of the timeline, is normalised once; every
-    env's queries then attend to its own slots through a band mask.
-    obs (G, Q, *obs_shape), actions (G, Q, branches) with Q = end - start.
+    Each slot that the block's bands reach, [start, C + end) of the timeline, is normalised once. The
+    block's Q = end - start steps are then cut into chunks of q steps; chunk k attends to the C + q slots
+    that end with its own, a window that holds the bands of all its steps:
+
+        slots    [start ................................................ C + end)
+        chunk 0  [0 ....... C + q)
+        chunk 1           [q ....... C + 2q)          (band masks inside each window)
+
+    obs (G, Q, *obs_shape), actions (G, Q, branches).
     Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
     """
     context, num_queries = timeline.context, end - start
+    chunk = query_chunk(num_queries, context)
     memory = timeline.memory[env_indices, start : context + end].float()  # (G, C+Q, L, D)
     steps = timeline.steps[env_indices, start : context + end]  # (G, C+Q)
-    slots = agent.transformer.normalise_memory(memory, steps)  # [(G, H, C+Q, h)] * L
-    positions = torch.arange(context, context + num_queries, device=obs.device).expand(len(env_indices), -1)
-    allowed = band_mask(positions, steps[:, context:], context + num_queries, timeline.memory_length)
+    windows = [
+        slots.unfold(2, context + chunk, chunk).permute(0, 2, 1, 4, 3).flatten(0, 1)  # (G*Q/q, H, C+q, h)
+        for slots in agent.transformer.normalise_memory(memory, steps)
+    ]
+    episode_steps = steps[:, context:].reshape(-1, chunk)  # (G*Q/q, q)
+    positions = torch.arange(context, context + chunk, device=obs.device).expand_as(episode_steps)
+    allowed = band_mask(positions, episode_steps, context + chunk, timeline.memory_length)
     fresh_slots = agent.transformer.fresh_slots(timeline.memory_length, obs.device)
-    x = agent.encode(obs.flatten(0, 1)).unflatten(0, (len(env_indices), num_queries))
-    out, _, _ = agent.transformer(x, slots, allowed, fresh_slots)
+    x = agent.encode(obs.flatten(0, 1)).view(-1, chunk, agent.transformer_dim)
+    out, _, _ = agent.transformer(x, windows, allowed, fresh_slots)
     _, log_probs, entropy, value, hidden = agent.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
     return log_probs, entropy, value, hidden
+
+
+def save_atomically(obj, path):
+    """torch.save through a temporary file that replaces path only once complete: a kill at any moment
+    leaves either the old file or the new one, never half of one."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as file:
+        torch.save(obj, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def find_checkpoint(path_or_run_dir):
+    """A training checkpoint file, or the newest one in a run directory's `checkpoints` folder."""
+    if os.path.isdir(path_or_run_dir):
+        folder = os.path.join(path_or_run_dir, "checkpoints")
+        names = sorted(glob.glob(os.path.join(folder, "step-*.pt")))
+        if not names:
+            fail(f"no training checkpoint in {folder}: was the run started with --checkpoint-interval?")
+        return names[-1]
+    if not os.path.isfile(path_or_run_dir):
+        fail(f"--resume {path_or_run_dir}: no such checkpoint file or run directory")
+    return path_or_run_dir
+
+
+def load_training_checkpoint(path):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        fail(f"{path} is not a readable checkpoint ({type(error).__name__}): pass a file from runs/<run>/checkpoints")
+    if not isinstance(checkpoint, dict) or not {"model_weights", "args", "optimizer", "global_step"} <= checkpoint.keys():
+        fail(f"{path} is not a training checkpoint of ppo_trxl.py (a published or --save-model file cannot be resumed)")
+    return checkpoint
+
+
+def parse_args():
+    """The flags. With --resume, the checkpoint's flags are the defaults that the command line overrides."""
+    args = tyro.cli(Args)
+    if args.resume is None:
+        return args, None
+    path = find_checkpoint(args.resume)
+    checkpoint = load_training_checkpoint(path)
+    flags = {field.name for field in dataclasses.fields(Args) if field.init}
+    defaults = Args(**{**{name: value for name, value in checkpoint["args"].items() if name in flags}, "resume": path})
+    args = dataclasses.replace(tyro.cli(Args, default=defaults))  # replace() recomputes the derived sizes
+    for name in ("env_id", "trxl_dim", "trxl_num_layers", "trxl_num_heads"):
+        if getattr(args, name) != checkpoint["args"][name]:
+            fail(
+                f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's {checkpoint['args'][name]}: resume with the same env and model"
+            )
+    encodings = (args.trxl_positional_encoding, checkpoint["args"]["trxl_positional_encoding"])
+    if len({"" if encoding == "none" else encoding for encoding in encodings}) > 1 or (args.reconstruction_coef > 0) != (
+        checkpoint["args"]["reconstruction_coef"] > 0
+    ):
+        fail("the positional encoding or the reconstruction head differs from the checkpoint's: resume with the same model")
+    return args, checkpoint
+
+
+def save_checkpoint(run_name, keep, **state):
+    """Writes a training checkpoint of the given state and removes all but the newest `keep` of them."""
+    folder = f"runs/{run_name}/checkpoints"
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{state['global_step']:012d}.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(legacy=False)}
+    rng["numpy"]["state"]["key"] = rng["numpy"]["state"]["key"].tolist()
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    save_atomically({**state, "run_name": run_name, "rng": rng}, path)
+    for old in sorted(glob.glob(os.path.join(folder, "step-*.pt")))[:-keep]:
+        os.remove(old)
+    return path
+
+
+def restore_rng(rng):
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    rng["numpy"]["state"]["key"] = np.array(rng["numpy"]["state"]["key"], dtype=np.uint32)
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to stop after the current iteration; a second one stops at once."""
+
+    def __init__(self):
+        self.received = None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._request)
+
+    def _request(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
 
 
 def linear_schedule(initial, final, anneal_steps, step):
@@ -704,10 +834,12 @@ def format_duration(seconds):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args, checkpoint = parse_args()
     check_args(args)
     find_env_spec(args.env_id)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    start_iteration = checkpoint["iteration"] + 1 if checkpoint else 1
+    global_step = checkpoint["global_step"] if checkpoint else 0
 
     # Seeding
     random.seed(args.seed)
@@ -716,40 +848,54 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Environments
-    envs, next_obs, observation_space, action_space_shape, max_episode_steps = make_envs(args, run_name, args.seed)
+    # Environments (a resumed run starts fresh episodes, seeded apart from the ones before)
+    envs, next_obs, observation_space, action_space_shape, max_episode_steps = make_envs(
+        args, run_name, args.seed + global_step
+    )
     memory_length = min(args.trxl_memory_length, max_episode_steps)
+    if checkpoint and memory_length != checkpoint["args"]["trxl_memory_length"]:
+        fail(f"memory length {memory_length} differs from the checkpoint's {checkpoint['args']['trxl_memory_length']}")
     saved_args = {**vars(args), "trxl_memory_length": memory_length}
 
-    # Logging
+    agent = Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=args.init_lr, fused=True)
+    if checkpoint:
+        agent.load_state_dict(checkpoint["model_weights"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng(checkpoint["rng"])
+    rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device)
+
+    # Logging: a resumed run continues its curves, hiding what was logged after its checkpoint
+    wandb_id = checkpoint.get("wandb_id") if checkpoint else None
     if args.track:
         import wandb
 
+        wandb_id = wandb_id or wandb.util.generate_id()
         wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             sync_tensorboard=True,
             config=saved_args,
             name=run_name,
+            id=wandb_id,
+            resume="allow",
             save_code=True,
         )
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in saved_args.items()])),
-    )
-
-    agent = Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
-    optimizer = torch.optim.AdamW(agent.parameters(), lr=args.init_lr, fused=True)
-    rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device)
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
+    if not checkpoint:
+        writer.add_text(
+            "hyperparameters",
+            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in saved_args.items()])),
+        )
 
     next_obs = torch.as_tensor(next_obs, device=device)
     next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # (E,) episode step of next_obs
     episode_infos = deque(maxlen=100)
-    global_step = 0
-    start_time = time.time()
+    last_checkpoint = checkpoint and args.resume
+    stop = StopSignals()
+    start_time, start_step = time.time(), global_step
 
-    for iteration in range(1, args.num_iterations + 1):
+    for iteration in range(start_iteration, args.num_iterations + 1):
         learning_rate = linear_schedule(args.init_lr, args.final_lr, args.anneal_steps, global_step)
         ent_coef = linear_schedule(args.init_ent_coef, args.final_ent_coef, args.anneal_steps, global_step)
         for param_group in optimizer.param_groups:
@@ -820,12 +966,19 @@ if __name__ == "__main__":
             if args.target_kl is not None and approx_kl.item() > args.target_kl:
                 break
 
-        # Logging, one host sync per iteration
+        # Logging: the host reads the iteration's numbers once, here
         pg_loss, v_loss, entropy_loss, r_loss, loss, old_approx_kl, approx_kl, clipfrac = torch.stack(stats).mean(0).tolist()
+        if not (math.isfinite(loss) and torch.stack([p.isfinite().all() for p in agent.parameters()]).all()):
+            writer.close()
+            envs.close()
+            fail(
+                f"the loss or the parameters became non-finite at iteration {iteration} (step {global_step}); "
+                f"nothing of it was saved. The last good checkpoint: {last_checkpoint or 'none (see --checkpoint-interval)'}"
+            )
         y_pred, y_true = rollout.values.flatten(), returns.flatten()
         var_y = y_true.var()
         explained_var = (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan")
-        sps = int(global_step / (time.time() - start_time))
+        sps = int((global_step - start_step) / (time.time() - start_time))
         scalars = {
             "episode/advantage_mean": advantages.mean().item(),
             "episode/value_mean": rollout.values.mean().item(),
@@ -856,10 +1009,28 @@ if __name__ == "__main__":
             flush=True,
         )
 
-    if args.save_model:
+        if stop.received or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
+            last_checkpoint = save_checkpoint(
+                run_name,
+                args.keep_checkpoints,
+                model_weights=agent.state_dict(),
+                args=saved_args,
+                optimizer=optimizer.state_dict(),
+                global_step=global_step,
+                iteration=iteration,
+                learning_rate=learning_rate,
+                ent_coef=ent_coef,
+                wandb_id=wandb_id,
+            )
+        if stop.received:
+            print(
+                f"stopped by {stop.received} at step {global_step}; resume with: python ppo_trxl.py --resume runs/{run_name}"
+            )
+            break
+
+    if args.save_model and not stop.received:
         model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        torch.save({"model_weights": agent.state_dict(), "args": saved_args}, model_path + ".tmp")
-        os.replace(model_path + ".tmp", model_path)
+        save_atomically({"model_weights": agent.state_dict(), "args": saved_args}, model_path)
         print(f"model saved to {model_path}")
 
     writer.close()
