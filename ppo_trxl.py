@@ -870,8 +870,7 @@ if __name__ == "__main__":
     if args.track:
         import wandb
 
-        wandb_id = wandb_id or wandb.util.generate_id()
-        wandb.init(
+        wandb_id = wandb.init(
             project=args.wandb_project_name,
             entity=args.wandb_entity,
             sync_tensorboard=True,
@@ -880,7 +879,7 @@ if __name__ == "__main__":
             id=wandb_id,
             resume="allow",
             save_code=True,
-        )
+        ).id
     writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
     if not checkpoint:
         writer.add_text(

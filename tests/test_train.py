@@ -1,0 +1,571 @@
+"""Tiny but real training runs of ppo_trxl.py in a subprocess, and checks of the pieces it is built from.
+
+Every run works in its own temporary folder, so `runs/`, `videos/` and `wandb/` land there.
+"""
+
+import importlib
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import types
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import cv2
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "ppo_trxl.py"
+
+TINY = {
+    "num-envs": 2,
+    "num-steps": 32,
+    "num-minibatches": 2,
+    "update-epochs": 1,
+    "trxl-dim": 32,
+    "trxl-num-heads": 2,
+    "trxl-num-layers": 1,
+    "trxl-memory-length": 8,
+    "total-timesteps": 128,
+}
+TINY_STEPS = [64, 128]  # global step after each of the two iterations of a tiny run
+POM_LIMIT = 16
+
+REFERENCE_SCALARS = [
+    "episode/r_mean",
+    "episode/l_mean",
+    "episode/t_mean",
+    "episode/advantage_mean",
+    "episode/value_mean",
+    "charts/SPS",
+    "charts/learning_rate",
+    "charts/entropy_coefficient",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/reconstruction_loss",
+    "losses/loss",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+]
+EPISODE_SCALARS = {"episode/r_mean", "episode/l_mean", "episode/t_mean", "charts/episodic_return", "charts/episodic_length"}
+ALWAYS_LOGGED = [tag for tag in REFERENCE_SCALARS if tag not in EPISODE_SCALARS]
+
+ITERATION_LINE = re.compile(
+    r"^iteration (\d+)/(\d+) \| step (\d+)/(\d+) \| (?:.* \| )?(\d+) SPS \| .* \| remaining \d+:\d{2}:\d{2}$"
+)
+
+DOCUMENTED_POM = {
+    "env-id": "ProofofMemory-v0",
+    "total-timesteps": 25000,
+    "num-envs": 16,
+    "num-steps": 128,
+    "num-minibatches": 8,
+    "update-epochs": 4,
+    "trxl-num-layers": 4,
+    "trxl-num-heads": 1,
+    "trxl-dim": 64,
+    "trxl-memory-length": 16,
+    "trxl-positional-encoding": "none",
+    "vf-coef": 0.1,
+    "max-grad-norm": 0.5,
+    "init-lr": 3e-4,
+    "init-ent-coef": 0.001,
+    "clip-coef": 0.2,
+}
+
+
+def command_line(options, *switches):
+    """Flags from {name: value} (names with dashes or underscores) and on/off switches such as `save-model`."""
+    line = []
+    for name, value in options.items():
+        line += [f"--{name.replace('_', '-')}", str(value)]
+    return line + [f"--{switch}" for switch in switches] + ["--no-cuda"]
+
+
+def tiny(env_id, *switches, **options):
+    return command_line({**TINY, "env-id": env_id, **options}, *switches)
+
+
+@dataclass
+class Run:
+    cwd: Path
+    returncode: int
+    stdout: str
+    stderr: str
+    started: float
+    ended: float
+
+    def check(self):
+        assert self.returncode == 0, f"exit code {self.returncode}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
+        return self
+
+    @property
+    def run_dir(self):
+        run_dirs = list((self.cwd / "runs").iterdir())
+        assert len(run_dirs) == 1, run_dirs
+        return run_dirs[0]
+
+    @property
+    def iteration_lines(self):
+        return [line for line in self.stdout.splitlines() if line.startswith("iteration ")]
+
+    def scalars(self):
+        """{tag: [(global step, value)]} from the run's tensorboard event file."""
+        assert list(self.run_dir.glob("events.out.tfevents.*")), f"no event file in {self.run_dir}"
+        accumulator = EventAccumulator(str(self.run_dir), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        return {
+            tag: [(event.step, event.value) for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]
+        }
+
+    def checkpoint(self):
+        path = self.run_dir / "ppo_trxl.cleanrl_model"
+        assert path.is_file(), list(self.run_dir.iterdir())
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def train_env():
+    env = dict(os.environ)
+    env.update(
+        SDL_VIDEODRIVER="dummy",
+        SDL_AUDIODRIVER="dummy",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        MPLBACKEND="Agg",
+        # torch's two threads spin badly when the two cores are shared with other work
+        OMP_NUM_THREADS="1",
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+@pytest.fixture(scope="session")
+def train(tmp_path_factory, train_env):
+    """train(name, flags) runs ppo_trxl.py with flags in a fresh folder and returns the Run."""
+
+    def run(name, flags, timeout=300):
+        cwd = tmp_path_factory.mktemp(name)
+        started = time.time()
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), *flags],
+            cwd=cwd,
+            env=train_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return Run(cwd, result.returncode, result.stdout, result.stderr, started, time.time())
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def trxl():
+    """The trainer as a module, for its building blocks."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module("ppo_trxl")
+
+
+def check_tiny_log(run, always_logged=ALWAYS_LOGGED):
+    """A finished tiny run: two console lines, and every always-logged scalar once per iteration."""
+    run.check()
+    lines = run.iteration_lines
+    assert len(lines) == 2, run.stdout
+    for i, line in enumerate(lines, start=1):
+        match = ITERATION_LINE.match(line)
+        assert match, line
+        assert [int(group) for group in match.groups()[:4]] == [i, 2, 64 * i, 128]
+    scalars = run.scalars()
+    for tag in always_logged:
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+        assert [step for step, _ in scalars[tag]] == TINY_STEPS, tag
+    return scalars
+
+
+def load_agent(trxl, checkpoint, observation_space, max_episode_steps):
+    args = types.SimpleNamespace(**checkpoint["args"])
+    weights = checkpoint["model_weights"]
+    branch_numbers = sorted(
+        int(match.group(1)) for key in weights if (match := re.fullmatch(r"actor_branches\.(\d+)\.weight", key))
+    )
+    branches = [weights[f"actor_branches.{k}.weight"].shape[0] for k in branch_numbers]
+    agent = trxl.Agent(args, observation_space, branches, max_episode_steps)
+    agent.load_state_dict(weights, strict=True)
+    return agent.eval(), branches
+
+
+def act_on_batch(agent, args, obs):
+    """get_action_and_value on a batch whose rows stand at different episode steps, the first at step 0."""
+    batch, memory_length = len(obs), args["trxl_memory_length"]
+    memory = torch.randn(batch, memory_length, args["trxl_num_layers"], args["trxl_dim"])
+    episode_steps = torch.arange(batch) * (memory_length + 1) // batch  # 0 ... about memory_length
+    indices = torch.stack([torch.arange(memory_length) + max(0, int(t) - memory_length + 1) for t in episode_steps])
+    mask = indices < episode_steps.unsqueeze(1)
+    with torch.no_grad():
+        return agent.get_action_and_value(obs, memory, mask, indices)
+
+
+# 1. ProofofMemory-v0
+
+
+@pytest.fixture(scope="module")
+def pom_run(train):
+    return train("pom", tiny("ProofofMemory-v0"))
+
+
+def test_pom_console_lines(pom_run):
+    pom_run.check()
+    lines = pom_run.iteration_lines
+    assert len(lines) == 2, pom_run.stdout
+    for i, line in enumerate(lines, start=1):
+        match = ITERATION_LINE.match(line)
+        assert match, f"unexpected console line: {line!r}"
+        assert [int(group) for group in match.groups()][:4] == [i, 2, 64 * i, 128]
+        assert int(match.group(5)) > 0
+
+
+def test_pom_run_name(pom_run):
+    pom_run.check()
+    match = re.fullmatch(r"ProofofMemory-v0__ppo_trxl__1__(\d+)", pom_run.run_dir.name)
+    assert match, pom_run.run_dir.name
+    assert int(pom_run.started) - 1 <= int(match.group(1)) <= pom_run.ended
+
+
+def test_pom_logs_every_scalar_at_every_batch(pom_run):
+    scalars = check_tiny_log(pom_run, REFERENCE_SCALARS + ["charts/episodic_return", "charts/episodic_length"])
+    for tag, events in scalars.items():
+        assert all(math.isfinite(value) for _, value in events), (tag, events)
+    # every PoM episode ends within 16 steps, and the first two are frozen, so the shortest takes 5
+    assert all(5 <= value <= POM_LIMIT for _, value in scalars["episode/l_mean"])
+    assert scalars["charts/episodic_return"] == scalars["episode/r_mean"]
+    assert scalars["charts/episodic_length"] == scalars["episode/l_mean"]
+    assert all(value > 0 for _, value in scalars["charts/SPS"])
+    # the first iteration runs at the initial learning rate and entropy coefficient
+    assert scalars["charts/learning_rate"][0][1] == pytest.approx(2.75e-4, rel=1e-6)
+    assert scalars["charts/entropy_coefficient"][0][1] == pytest.approx(1e-4, rel=1e-6)
+    assert scalars["charts/learning_rate"][1][1] < scalars["charts/learning_rate"][0][1]
+    assert all(value == 0 for _, value in scalars["losses/reconstruction_loss"])
+
+
+# 2. Memory Gym
+
+
+def test_mortar_mayhem_grid(train):
+    run = train("mortar-mayhem-grid", tiny("MortarMayhem-Grid-v0"))
+    scalars = check_tiny_log(run)
+    assert all(value == 0 for _, value in scalars["losses/reconstruction_loss"])
+
+
+@pytest.fixture(scope="module")
+def mortar_mayhem_run(train):
+    return train("mortar-mayhem", tiny("MortarMayhem-v0", "save-model", reconstruction_coef=0.1))
+
+
+def test_mortar_mayhem_reconstruction_loss(mortar_mayhem_run):
+    scalars = check_tiny_log(mortar_mayhem_run)
+    assert all(value > 0 for _, value in scalars["losses/reconstruction_loss"]), scalars["losses/reconstruction_loss"]
+
+
+def test_mortar_mayhem_model_has_two_branches_and_a_decoder(trxl, mortar_mayhem_run):
+    checkpoint = mortar_mayhem_run.check().checkpoint()
+    weights = checkpoint["model_weights"]
+    assert weights["actor_branches.0.weight"].shape == (3, 32)
+    assert weights["actor_branches.1.weight"].shape == (3, 32)
+    assert "actor_branches.2.weight" not in weights
+    assert weights["encoder.0.weight"].shape == (32, 3, 8, 8)
+    assert weights["transposed_cnn.7.weight"].shape == (32, 3, 8, 8)
+    observation_space = gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)
+    agent, branches = load_agent(trxl, checkpoint, observation_space, 275)
+    assert branches == [3, 3]
+    obs = torch.randint(0, 256, (3, 84, 84, 3), dtype=torch.uint8)
+    action, log_probs, entropy, value, _ = act_on_batch(agent, checkpoint["args"], obs)
+    assert action.shape == log_probs.shape == (3, 2)
+    assert torch.isfinite(log_probs).all() and torch.isfinite(entropy).all() and torch.isfinite(value).all()
+    with torch.no_grad():
+        image = agent.reconstruct_observation(torch.randn(3, 32))
+    assert image.shape == (3, 84, 84, 3)
+    assert image.min() >= 0 and image.max() <= 1
+
+
+# 3. MiniGrid
+
+
+def test_minigrid_memory(train):
+    # 64 steps per env and iteration, so that episodes (at most 96 steps) end within the run
+    run = train("minigrid", tiny("MiniGrid-MemoryS9-v0", "save-model", num_steps=64, total_timesteps=256))
+    run.check()
+    lines = run.iteration_lines
+    assert len(lines) == 2 and all(ITERATION_LINE.match(line) for line in lines), run.stdout
+    scalars = run.scalars()
+    for tag in ALWAYS_LOGGED:
+        assert [step for step, _ in scalars[tag]] == [128, 256], tag
+    assert 0 < scalars["episode/l_mean"][-1][1] <= 96
+    weights = run.checkpoint()["model_weights"]
+    assert weights["encoder.0.weight"].shape == (32, 3, 8, 8)
+    assert weights["actor_branches.0.weight"].shape == (7, 32)
+
+
+# 4. and 5. Saved models and positional encodings
+
+
+@pytest.fixture(scope="module")
+def saved_model(train):
+    """saved_model(encoding) is a tiny ProofofMemory-v0 run with --save-model and a memory length of 64."""
+    runs = {}
+
+    def get(encoding):
+        if encoding not in runs:
+            flags = tiny("ProofofMemory-v0", "save-model", trxl_memory_length=64, trxl_positional_encoding=encoding)
+            runs[encoding] = train(f"save-{encoding or 'empty'}", flags).check()
+        return runs[encoding]
+
+    return get
+
+
+def test_save_model_checkpoint(trxl, saved_model):
+    run = saved_model("absolute")
+    assert f"model saved to runs/{run.run_dir.name}/ppo_trxl.cleanrl_model" in run.stdout
+    assert not list(run.run_dir.glob("*.tmp"))
+    checkpoint = run.checkpoint()
+    assert set(checkpoint) == {"model_weights", "args"}
+    args = checkpoint["args"]
+    missing = {field.name for field in fields(trxl.Args)} - set(args)
+    assert not missing, missing
+    assert args["trxl_memory_length"] == POM_LIMIT  # 64 asked, clipped to the episode limit
+    assert args["env_id"] == "ProofofMemory-v0"
+    assert (args["trxl_dim"], args["trxl_num_heads"], args["trxl_num_layers"]) == (32, 2, 1)
+    assert (args["num_envs"], args["num_steps"], args["total_timesteps"]) == (2, 32, 128)
+    assert args["trxl_positional_encoding"] == "absolute"
+    assert args["reconstruction_coef"] == 0.0 and args["save_model"] is True
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    agent, branches = load_agent(trxl, checkpoint, observation_space, POM_LIMIT)
+    assert branches == [2]
+    obs = torch.rand(5, 3) * 2 - 1
+    action, log_probs, entropy, value, new_memory = act_on_batch(agent, args, obs)
+    assert action.shape == log_probs.shape == (5, 1)
+    assert set(action.flatten().tolist()) <= {0, 1}
+    assert entropy.shape == value.shape == (5,)
+    assert new_memory.shape == (5, 1, 32)
+    for tensor in (log_probs, entropy, value, new_memory):
+        assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("encoding", ["learned", "absolute", "none", ""])
+def test_positional_encoding_in_saved_model(trxl, saved_model, encoding):
+    checkpoint = saved_model(encoding).checkpoint()
+    weights = checkpoint["model_weights"]
+    assert checkpoint["args"]["trxl_positional_encoding"] == encoding
+    if encoding == "learned":
+        assert weights["transformer.pos_embedding"].shape == (POM_LIMIT, 32)
+    else:
+        assert "transformer.pos_embedding" not in weights
+    if encoding == "absolute":
+        inv_freqs = 10000 ** (-np.arange(0, 32, 2) / 32)
+        np.testing.assert_allclose(weights["transformer.pos_embedding.inv_freqs"].numpy(), inv_freqs, rtol=1e-6)
+    else:
+        assert "transformer.pos_embedding.inv_freqs" not in weights
+    if encoding in ("none", ""):
+        assert not [key for key in weights if key.startswith("transformer.pos_embedding")]
+
+    agent, _ = load_agent(trxl, checkpoint, gym.spaces.Box(-1.0, 1.0, (3,), np.float32), POM_LIMIT)
+    _, log_probs, entropy, value, _ = act_on_batch(agent, checkpoint["args"], torch.rand(4, 3) * 2 - 1)
+    assert torch.isfinite(log_probs).all() and torch.isfinite(entropy).all() and torch.isfinite(value).all()
+
+
+# 6. Videos
+
+
+def test_capture_video(train):
+    run = train("video", tiny("ProofofMemory-v0", "capture-video")).check()
+    video_dir = run.cwd / "videos" / run.run_dir.name
+    video = video_dir / "episode-0.mp4"
+    assert video.is_file(), list(run.cwd.rglob("*"))
+    assert not list(video_dir.glob("*.part.mp4"))
+
+    env = gym.make("ProofofMemory-v0", render_mode="rgb_array")
+    env.reset(seed=0)
+    frame_shape = env.render().shape
+    capture = cv2.VideoCapture(str(video))
+    assert capture.isOpened()
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    assert len(frames) > 0
+    assert frames[0].shape == frame_shape
+    # an episode is shown from its reset to its end: at most 16 steps after the first frame
+    assert len(frames) <= POM_LIMIT + 1
+
+
+# 7. Weights and Biases, offline
+
+
+def test_track_offline(train):
+    run = train("track", tiny("ProofofMemory-v0", "track")).check()
+    offline_runs = list((run.cwd / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1, list((run.cwd / "wandb").iterdir())
+    records = list(offline_runs[0].glob("run-*.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 0
+    assert len(run.iteration_lines) == 2
+
+
+# 8. Episodes longer than the episode limit
+
+
+def test_endless_env_has_the_default_limit(trxl):
+    importlib.import_module("tests.endless_env")
+    env = gym.make("EndlessCorridor-v0")
+    env.reset(seed=0)
+    assert trxl.episode_limit(env) == trxl.DEFAULT_EPISODE_LIMIT == 1024
+    pom = gym.make("ProofofMemory-v0")
+    pom.reset(seed=0)
+    assert trxl.episode_limit(pom) == POM_LIMIT
+
+
+def test_episodes_past_three_episode_limits(train):
+    flags = command_line(
+        {
+            "env-id": "tests.endless_env:EndlessCorridor-v0",
+            "num-envs": 2,
+            "num-steps": 512,
+            "num-minibatches": 2,
+            "update-epochs": 1,
+            "total-timesteps": 7 * 2 * 512,
+            "trxl-dim": 16,
+            "trxl-num-heads": 1,
+            "trxl-num-layers": 1,
+            "trxl-memory-length": 32,
+            "trxl-positional-encoding": "absolute",
+        }
+    )
+    run = train("endless", flags).check()
+    assert len(run.iteration_lines) == 7
+    assert run.run_dir.name.startswith("tests.endless_env:EndlessCorridor-v0__ppo_trxl__1__")
+    scalars = run.scalars()
+    assert scalars["episode/l_mean"] == [(7 * 2 * 512, 3500.0)]
+    assert scalars["episode/r_mean"] == [(7 * 2 * 512, 1.0)]
+    for tag in ALWAYS_LOGGED:
+        assert all(math.isfinite(value) for _, value in scalars[tag]), tag
+
+
+def test_absolute_positional_encoding_table(trxl):
+    dim, limit = 16, 20
+    encoding = trxl.PositionalEncoding(dim, limit)
+    inv_freqs = 10000.0 ** (-np.arange(0, dim, 2) / dim)
+    values = (limit - 1 - np.arange(limit))[:, None] * inv_freqs
+    table = np.concatenate([np.sin(values), np.cos(values)], axis=1)
+    with torch.no_grad():
+        rows = encoding(torch.arange(limit)).numpy()
+        beyond = encoding(torch.arange(limit, 4 * limit))
+    np.testing.assert_allclose(rows, table, atol=1e-5)
+    assert beyond.shape == (3 * limit, dim)
+    assert torch.isfinite(beyond).all() and beyond.abs().max() <= 1
+
+
+def test_learned_positions_past_the_limit_are_finite(trxl):
+    transformer = trxl.Transformer(1, 8, 2, 10, "learned")
+    with torch.no_grad():
+        rows = transformer.positions(torch.arange(40))
+    assert rows.shape == (40, 8) and torch.isfinite(rows).all()
+    assert torch.equal(rows[10:], transformer.pos_embedding[9].expand(30, -1))
+
+
+# 9. Generalized advantage estimation
+
+
+def reference_gae(rewards, values, dones, next_value, next_done, gamma, lam):
+    num_envs, num_steps = rewards.shape
+    advantages = [[0.0] * num_steps for _ in range(num_envs)]
+    for e in range(num_envs):
+        last = 0.0
+        for s in reversed(range(num_steps)):
+            if s == num_steps - 1:
+                following_value, following_done = float(next_value[e]), bool(next_done[e])
+            else:
+                following_value, following_done = float(values[e, s + 1]), bool(dones[e, s + 1])
+            keep = 0.0 if following_done else 1.0
+            delta = float(rewards[e, s]) + gamma * following_value * keep - float(values[e, s])
+            last = delta + gamma * lam * keep * last
+            advantages[e][s] = last
+    return torch.tensor(advantages)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gae_matches_a_plain_loop(trxl, seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_envs, num_steps, gamma, lam = 3, 17, 0.99, 0.9
+    rewards = torch.randn(num_envs, num_steps, generator=generator)
+    values = torch.randn(num_envs, num_steps, generator=generator)
+    dones = torch.rand(num_envs, num_steps, generator=generator) < 0.25
+    next_value = torch.randn(num_envs, generator=generator)
+    next_done = torch.rand(num_envs, generator=generator) < 0.5
+    advantages = trxl.compute_gae(rewards, values, dones, next_value, next_done, gamma, lam)
+    expected = reference_gae(rewards, values, dones, next_value, next_done, gamma, lam)
+    torch.testing.assert_close(advantages, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gae_by_hand(trxl):
+    # obs 1 begins a new episode: step 0 ended one, so it does not bootstrap
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5]])
+    dones = torch.tensor([[False, True, False]])
+    advantages = trxl.compute_gae(rewards, values, dones, torch.tensor([10.0]), torch.tensor([False]), 0.9, 0.8)
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 1.95 + 0.72 * 11.5, 11.5]]))
+    advantages = trxl.compute_gae(rewards, values, dones, torch.tensor([10.0]), torch.tensor([True]), 0.9, 0.8)
+    torch.testing.assert_close(advantages, torch.tensor([[0.5, 1.95 + 0.72 * 2.5, 2.5]]))
+
+
+# 10. Bad input
+
+
+BAD_INPUTS = {
+    "unknown-env": (tiny("NoSuchEnv-v0"), "unknown env id"),
+    "missing-module": (tiny("no_such_module_for_ppo_trxl:Foo-v0"), "cannot import module"),
+    "heads": (tiny("ProofofMemory-v0", trxl_dim=30, trxl_num_heads=4), "divisible"),
+    "memory-length": (tiny("ProofofMemory-v0", trxl_memory_length=1), "memory-length"),
+    "reconstruction-on-vectors": (tiny("ProofofMemory-v0", reconstruction_coef=0.1), "reconstruction-coef"),
+    "minibatches": (tiny("ProofofMemory-v0", num_minibatches=3), "num-minibatches"),
+    "less-than-a-batch": (tiny("ProofofMemory-v0", total_timesteps=63), "total-timesteps"),
+    "discrete-observations": (tiny("FrozenLake-v1"), "observation space"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input(train, case):
+    flags, message = BAD_INPUTS[case]
+    run = train(f"bad-{case}", flags, timeout=120)
+    assert run.returncode != 0
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), run.stderr
+    assert message in lines[0]
+    assert not (run.cwd / "runs").exists()
+    assert not run.iteration_lines
+
+
+# 11. Learning
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_documented_pom_config_learns(train, seed):
+    run = train(f"learn-{seed}", command_line({**DOCUMENTED_POM, "seed": seed}), timeout=600).check()
+    r_mean = run.scalars()["episode/r_mean"]
+    print(f"seed {seed}: final episode/r_mean {r_mean[-1][1]:.3f} at step {r_mean[-1][0]}")
+    assert r_mean[-1][1] >= 1.1, r_mean[-5:]
