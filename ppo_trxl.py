@@ -16,6 +16,7 @@ that sees it) and the attention scores of a whole env are one matrix product wit
 
 import dataclasses
 import glob
+import hashlib
 import importlib
 import math
 import os
@@ -34,10 +35,12 @@ import gymnasium as gym
 import memory_gym  # noqa: F401  (registers the Memory Gym ids)
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 import pom_env  # noqa: F401  (registers ProofofMemory-v0)
@@ -140,12 +143,17 @@ class Args:
     minibatch_size: int = field(init=False)
     """the mini-batch size (batch_size // num_minibatches)"""
     num_iterations: int = field(init=False)
-    """the number of iterations (total_timesteps // batch_size)"""
+    """the number of iterations (total_timesteps // (batch_size x the number of ranks under torchrun))"""
 
     def __post_init__(self):
         self.batch_size = self.num_envs * self.num_steps
         self.minibatch_size = self.batch_size // max(self.num_minibatches, 1)
-        self.num_iterations = self.total_timesteps // max(self.batch_size, 1)
+        self.num_iterations = self.total_timesteps // max(self.batch_size * world_size(), 1)
+
+
+def world_size():
+    """The number of processes that train together: torchrun's WORLD_SIZE, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def fail(message):
@@ -164,7 +172,10 @@ def check_args(args):
             f"equal blocks: make it divide --num-envs, or make --num-steps divisible by {time_chunks}"
         )
     if args.num_iterations < 1:
-        fail(f"--total-timesteps {args.total_timesteps} is less than one batch ({args.batch_size} = num_envs x num_steps)")
+        fail(
+            f"--total-timesteps {args.total_timesteps} is less than one batch "
+            f"({args.batch_size * world_size()} = num_envs x num_steps x ranks)"
+        )
     if args.trxl_dim % args.trxl_num_heads:
         fail(f"--trxl-dim {args.trxl_dim} is not divisible by --trxl-num-heads {args.trxl_num_heads}")
     if args.trxl_num_layers < 1:
@@ -539,6 +550,35 @@ class Agent(nn.Module):
         action, log_probs, entropy, value, _ = self.policy_and_value(out, action)
         return action, log_probs, entropy, value, new_memory
 
+    def forward(self, obs, actions, memory, steps, memory_length):
+        """The update's pass over a block of G envs x Q consecutive steps, with the C = memory_length - 1
+        slots before them: obs (G, Q, *obs_shape), actions (G, Q, branches), memory (G, C+Q, L, D) the
+        cached layer inputs and steps (G, C+Q) their episode steps.
+
+        Each slot is normalised once. The Q steps are then cut into chunks of q steps; chunk k attends to
+        the C + q slots that end with its own, a window that holds the bands of all its steps:
+
+            slots    [0 .................................................. C + Q)
+            chunk 0  [0 ....... C + q)
+            chunk 1           [q ....... C + 2q)          (band masks inside each window)
+
+        Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
+        """
+        context, num_queries = memory_length - 1, obs.shape[1]
+        chunk = query_chunk(num_queries, context)
+        windows = [
+            slots.unfold(2, context + chunk, chunk).permute(0, 2, 1, 4, 3).flatten(0, 1)  # (G*Q/q, H, C+q, h)
+            for slots in self.transformer.normalise_memory(memory, steps)
+        ]
+        episode_steps = steps[:, context:].reshape(-1, chunk)  # (G*Q/q, q)
+        positions = torch.arange(context, context + chunk, device=obs.device).expand_as(episode_steps)
+        allowed = band_mask(positions, episode_steps, context + chunk, memory_length)
+        fresh_slots = self.transformer.fresh_slots(memory_length, obs.device)
+        x = self.encode(obs.flatten(0, 1)).view(-1, chunk, self.transformer_dim)
+        out, _, _ = self.transformer(x, windows, allowed, fresh_slots)
+        _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
+        return log_probs, entropy, value, hidden
+
 
 def band_mask(query_positions, episode_steps, num_slots, memory_length):
     """Which timeline slots each query may attend: the same episode's last min(t, memory_length - 1) steps.
@@ -699,35 +739,12 @@ def query_chunk(num_queries, context):
 
 
 def evaluate(agent, timeline, env_indices, start, end, obs, actions):
-    """The update's pass over one block: steps [start, end) of the envs env_indices (G,).
-
-    Each slot that the block's bands reach, [start, C + end) of the timeline, is normalised once. The
-    block's Q = end - start steps are then cut into chunks of q steps; chunk k attends to the C + q slots
-    that end with its own, a window that holds the bands of all its steps:
-
-        slots    [start ................................................ C + end)
-        chunk 0  [0 ....... C + q)
-        chunk 1           [q ....... C + 2q)          (band masks inside each window)
-
-    obs (G, Q, *obs_shape), actions (G, Q, branches).
-    Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
-    """
-    context, num_queries = timeline.context, end - start
-    chunk = query_chunk(num_queries, context)
-    memory = timeline.memory[env_indices, start : context + end].float()  # (G, C+Q, L, D)
-    steps = timeline.steps[env_indices, start : context + end]  # (G, C+Q)
-    windows = [
-        slots.unfold(2, context + chunk, chunk).permute(0, 2, 1, 4, 3).flatten(0, 1)  # (G*Q/q, H, C+q, h)
-        for slots in agent.transformer.normalise_memory(memory, steps)
-    ]
-    episode_steps = steps[:, context:].reshape(-1, chunk)  # (G*Q/q, q)
-    positions = torch.arange(context, context + chunk, device=obs.device).expand_as(episode_steps)
-    allowed = band_mask(positions, episode_steps, context + chunk, timeline.memory_length)
-    fresh_slots = agent.transformer.fresh_slots(timeline.memory_length, obs.device)
-    x = agent.encode(obs.flatten(0, 1)).view(-1, chunk, agent.transformer_dim)
-    out, _, _ = agent.transformer(x, windows, allowed, fresh_slots)
-    _, log_probs, entropy, value, hidden = agent.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
-    return log_probs, entropy, value, hidden
+    """The update's pass over one block: steps [start, end) of the envs env_indices (G,), whose bands
+    reach the slots [start, C + end) of the timeline. agent may be wrapped in DistributedDataParallel.
+    obs (G, end - start, *obs_shape), actions (G, end - start, branches)."""
+    memory = timeline.memory[env_indices, start : timeline.context + end].float()  # (G, C+Q, L, D)
+    steps = timeline.steps[env_indices, start : timeline.context + end]  # (G, C+Q)
+    return agent(obs, actions, memory, steps, timeline.memory_length)
 
 
 def save_atomically(obj, path):
@@ -824,6 +841,56 @@ class StopSignals:
         signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
 
 
+def init_distributed(args):
+    """Joins torchrun's process group when there are several ranks (nccl on GPUs, gloo on CPUs).
+
+    Returns the rank and the device. Every rank must run the same command: ranks whose flags differ stop.
+    """
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and args.cuda
+    if world_size() == 1:
+        return 0, torch.device("cuda" if cuda else "cpu")
+    if cuda and local_rank >= torch.cuda.device_count():
+        fail(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} on this node): lower --nproc-per-node")
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    flags = [None] * world_size()
+    dist.all_gather_object(flags, vars(args))
+    for other_rank, other in enumerate(flags):
+        differing = sorted(name for name in other if other[name] != flags[0].get(name))
+        if differing:
+            fail(
+                f"rank {other_rank}'s flags differ from rank 0's ({', '.join(differing)}): start every rank with the same command"
+            )
+    return rank, device
+
+
+def gather(obj):
+    """Every rank's obj, in rank order (the obj alone in a single process)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def mean_over_ranks(tensor):
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= world_size()
+    return tensor
+
+
+def parameters_digest(agent):
+    """A digest of the model's parameters and buffers, to check that all ranks hold the same model."""
+    digest = hashlib.sha256()
+    for tensor in agent.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def linear_schedule(initial, final, anneal_steps, step):
     return initial + (final - initial) * min(step / anneal_steps, 1.0)
 
@@ -837,20 +904,21 @@ if __name__ == "__main__":
     args, checkpoint = parse_args()
     check_args(args)
     find_env_spec(args.env_id)
+    rank, device = init_distributed(args)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = gather(run_name)[0]  # rank 0's, should the ranks' clocks differ
     start_iteration = checkpoint["iteration"] + 1 if checkpoint else 1
-    global_step = checkpoint["global_step"] if checkpoint else 0
+    global_step = checkpoint["global_step"] if checkpoint else 0  # over all ranks
 
-    # Seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    # Seeding: each rank samples and steps its envs with its own seeds
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     # Environments (a resumed run starts fresh episodes, seeded apart from the ones before)
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = make_envs(
-        args, run_name, args.seed + global_step
+        args, run_name, args.seed + global_step + rank * args.num_envs
     )
     memory_length = min(args.trxl_memory_length, max_episode_steps)
     if checkpoint and memory_length != checkpoint["args"]["trxl_memory_length"]:
@@ -862,12 +930,18 @@ if __name__ == "__main__":
     if checkpoint:
         agent.load_state_dict(checkpoint["model_weights"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        restore_rng(checkpoint["rng"])
+        if rank == 0:
+            restore_rng(checkpoint["rng"])
+    # Under torchrun the update goes through DistributedDataParallel, which starts every rank from rank 0's
+    # parameters and averages the gradients of every minibatch across ranks
+    learner = (
+        agent if world_size() == 1 else DistributedDataParallel(agent, device_ids=[device] if device.type == "cuda" else None)
+    )
     rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device)
 
-    # Logging: a resumed run continues its curves, hiding what was logged after its checkpoint
+    # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
     wandb_id = checkpoint.get("wandb_id") if checkpoint else None
-    if args.track:
+    if args.track and rank == 0:
         import wandb
 
         wandb_id = wandb.init(
@@ -880,18 +954,20 @@ if __name__ == "__main__":
             resume="allow",
             save_code=True,
         ).id
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
-    if not checkpoint:
-        writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in saved_args.items()])),
-        )
+    if rank == 0:
+        writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
+        if not checkpoint:
+            writer.add_text(
+                "hyperparameters",
+                "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in saved_args.items()])),
+            )
 
     next_obs = torch.as_tensor(next_obs, device=device)
     next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # (E,) episode step of next_obs
     episode_infos = deque(maxlen=100)
     last_checkpoint = checkpoint and args.resume
     stop = StopSignals()
+    total_steps = args.num_iterations * args.batch_size * world_size()
     start_time, start_step = time.time(), global_step
 
     for iteration in range(start_iteration, args.num_iterations + 1):
@@ -903,8 +979,7 @@ if __name__ == "__main__":
         next_obs, next_episode_steps, next_value, finished_episodes = collect_rollout(
             agent, envs, rollout, next_obs, next_episode_steps
         )
-        global_step += args.batch_size
-        episode_infos.extend(finished_episodes)
+        global_step += args.batch_size * world_size()
         advantages = compute_gae(
             rollout.rewards,
             rollout.values,
@@ -923,7 +998,7 @@ if __name__ == "__main__":
                 mb = (mb_envs, slice(start, end))
                 mb_obs = rollout.obs[mb]  # (G, Q, *obs_shape)
                 newlogprob, entropy, newvalue, hidden = evaluate(
-                    agent, rollout.timeline, mb_envs, start, end, mb_obs, rollout.actions[mb]
+                    learner, rollout.timeline, mb_envs, start, end, mb_obs, rollout.actions[mb]
                 )
                 mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (G*Q, branches)
                 mb_advantages = advantages[mb].flatten()
@@ -962,77 +1037,102 @@ if __name__ == "__main__":
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
                 stats.append(torch.stack([pg_loss, v_loss, entropy_loss, r_loss, loss, old_approx_kl, approx_kl, clipfrac]))
-            if args.target_kl is not None and approx_kl.item() > args.target_kl:
+            if args.target_kl is not None and mean_over_ranks(approx_kl.detach().clone()).item() > args.target_kl:
                 break
 
-        # Logging: the host reads the iteration's numbers once, here
-        pg_loss, v_loss, entropy_loss, r_loss, loss, old_approx_kl, approx_kl, clipfrac = torch.stack(stats).mean(0).tolist()
+        # Logging: the host reads the iteration's numbers once, here, averaged over ranks
+        with torch.no_grad():
+            y_pred, y_true = rollout.values.flatten(), returns.flatten()
+            explained_var = 1 - (y_true - y_pred).var() / y_true.var()
+            iteration_stats = torch.cat(
+                [torch.stack(stats).mean(0), torch.stack([advantages.mean(), y_pred.mean(), explained_var])]
+            )
+        (
+            pg_loss,
+            v_loss,
+            entropy_loss,
+            r_loss,
+            loss,
+            old_approx_kl,
+            approx_kl,
+            clipfrac,
+            advantage_mean,
+            value_mean,
+            explained_var,
+        ) = mean_over_ranks(iteration_stats).tolist()
         if not (math.isfinite(loss) and torch.stack([p.isfinite().all() for p in agent.parameters()]).all()):
-            writer.close()
             envs.close()
             fail(
                 f"the loss or the parameters became non-finite at iteration {iteration} (step {global_step}); "
                 f"nothing of it was saved. The last good checkpoint: {last_checkpoint or 'none (see --checkpoint-interval)'}"
             )
-        y_pred, y_true = rollout.values.flatten(), returns.flatten()
-        var_y = y_true.var()
-        explained_var = (1 - (y_true - y_pred).var() / var_y).item() if var_y > 0 else float("nan")
-        sps = int((global_step - start_step) / (time.time() - start_time))
-        scalars = {
-            "episode/advantage_mean": advantages.mean().item(),
-            "episode/value_mean": rollout.values.mean().item(),
-            "charts/SPS": sps,
-            "charts/learning_rate": learning_rate,
-            "charts/entropy_coefficient": ent_coef,
-            "losses/value_loss": v_loss,
-            "losses/policy_loss": pg_loss,
-            "losses/entropy": entropy_loss,
-            "losses/reconstruction_loss": r_loss,
-            "losses/loss": loss,
-            "losses/old_approx_kl": old_approx_kl,
-            "losses/approx_kl": approx_kl,
-            "losses/clipfrac": clipfrac,
-            "losses/explained_variance": explained_var,
-        }
-        if episode_infos:
-            r_mean, l_mean, t_mean = (float(np.mean(column)) for column in zip(*episode_infos))
-            scalars.update({"episode/r_mean": r_mean, "episode/l_mean": l_mean, "episode/t_mean": t_mean})
-            scalars.update({"charts/episodic_return": r_mean, "charts/episodic_length": l_mean})
-        for name, scalar in scalars.items():
-            writer.add_scalar(name, scalar, global_step)
-        progress = f"return {r_mean:.2f} | length {l_mean:.1f}" if episode_infos else "no episode finished yet"
-        eta = format_duration((args.num_iterations * args.batch_size - global_step) / max(sps, 1))
-        print(
-            f"iteration {iteration}/{args.num_iterations} | step {global_step}/{args.num_iterations * args.batch_size}"
-            f" | {sps} SPS | {progress} | remaining {eta}",
-            flush=True,
-        )
-
-        if stop.received or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
-            last_checkpoint = save_checkpoint(
-                run_name,
-                args.keep_checkpoints,
-                model_weights=agent.state_dict(),
-                args=saved_args,
-                optimizer=optimizer.state_dict(),
-                global_step=global_step,
-                iteration=iteration,
-                learning_rate=learning_rate,
-                ent_coef=ent_coef,
-                wandb_id=wandb_id,
-            )
-        if stop.received:
+        finished_by_rank, signals = zip(*gather((finished_episodes, stop.received)))
+        for finished in finished_by_rank:
+            episode_infos.extend(finished)
+        stopping = next((name for name in signals if name), None)
+        if rank == 0:
+            sps = int((global_step - start_step) / (time.time() - start_time))
+            scalars = {
+                "episode/advantage_mean": advantage_mean,
+                "episode/value_mean": value_mean,
+                "charts/SPS": sps,
+                "charts/learning_rate": learning_rate,
+                "charts/entropy_coefficient": ent_coef,
+                "losses/value_loss": v_loss,
+                "losses/policy_loss": pg_loss,
+                "losses/entropy": entropy_loss,
+                "losses/reconstruction_loss": r_loss,
+                "losses/loss": loss,
+                "losses/old_approx_kl": old_approx_kl,
+                "losses/approx_kl": approx_kl,
+                "losses/clipfrac": clipfrac,
+                "losses/explained_variance": explained_var,
+            }
+            if episode_infos:
+                r_mean, l_mean, t_mean = (float(np.mean(column)) for column in zip(*episode_infos))
+                scalars.update({"episode/r_mean": r_mean, "episode/l_mean": l_mean, "episode/t_mean": t_mean})
+                scalars.update({"charts/episodic_return": r_mean, "charts/episodic_length": l_mean})
+            for name, scalar in scalars.items():
+                writer.add_scalar(name, scalar, global_step)
+            progress = f"return {r_mean:.2f} | length {l_mean:.1f}" if episode_infos else "no episode finished yet"
+            eta = format_duration((total_steps - global_step) / max(sps, 1))
             print(
-                f"stopped by {stop.received} at step {global_step}; resume with: python ppo_trxl.py --resume runs/{run_name}"
+                f"iteration {iteration}/{args.num_iterations} | step {global_step}/{total_steps} | {sps} SPS | {progress}"
+                f" | remaining {eta}",
+                flush=True,
             )
+
+            if stopping or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
+                last_checkpoint = save_checkpoint(
+                    run_name,
+                    args.keep_checkpoints,
+                    model_weights=agent.state_dict(),
+                    args=saved_args,
+                    optimizer=optimizer.state_dict(),
+                    global_step=global_step,
+                    iteration=iteration,
+                    learning_rate=learning_rate,
+                    ent_coef=ent_coef,
+                    wandb_id=wandb_id,
+                )
+        if stopping:
+            if rank == 0:
+                print(f"stopped by {stopping} at step {global_step}; resume with: python ppo_trxl.py --resume runs/{run_name}")
             break
 
-    if args.save_model and not stop.received:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        save_atomically({"model_weights": agent.state_dict(), "args": saved_args}, model_path)
-        print(f"model saved to {model_path}")
-
-    writer.close()
+    digests = gather(parameters_digest(agent))
+    if world_size() > 1:
+        print(f"rank {rank}: parameters {digests[rank]}", flush=True)
+        if len(set(digests)) > 1:
+            fail(f"the ranks ended with different parameters ({', '.join(digests)}): their updates went apart")
+    if rank == 0:
+        if args.save_model and not stopping:
+            model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+            save_atomically({"model_weights": agent.state_dict(), "args": saved_args}, model_path)
+            print(f"model saved to {model_path}")
+        writer.close()
+        if args.track:
+            wandb.finish()
     envs.close()
-    if args.track:
-        wandb.finish()
+    if world_size() > 1:
+        dist.destroy_process_group()
