@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# The documented PPO-TrXL experiments: 8 Memory Gym configurations, MiniGrid-MemoryS9 and ProofofMemory,
+# 3 seeds each, run on this machine N jobs at a time or submitted to Slurm as a job array (one GPU a job).
+#
+#   benchmark/ppo_trxl.sh --dry-run                                   # print every command
+#   benchmark/ppo_trxl.sh --envs ProofofMemory-v0 --jobs 3 -- --no-cuda  # 3 seeds on this machine
+#   benchmark/ppo_trxl.sh --slurm --sbatch-args "--partition=gpu --time=2-00:00:00"
+#   python benchmark/plot.py runs --output benchmark/results.png      # curves and the results table
+#
+# Flags after `--` are passed to every job (the last of a repeated flag wins in ppo_trxl.py), so a short
+# smoke version is: benchmark/ppo_trxl.sh --jobs 2 -- --no-cuda --total-timesteps 10000
+# Jobs run from the repository root and write tensorboard logs to runs/.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# The documented configurations (REFERENCE.md section 3); Memory Gym ones go on top of the defaults.
+ENV_IDS=(
+    MortarMayhem-Grid-v0
+    MortarMayhem-v0
+    MysteryPath-Grid-v0
+    MysteryPath-v0
+    SearingSpotlights-v0
+    Endless-MortarMayhem-v0
+    Endless-MysteryPath-v0
+    Endless-SearingSpotlights-v0
+    MiniGrid-MemoryS9-v0
+    ProofofMemory-v0
+)
+declare -A CONFIG=(
+    [MortarMayhem-Grid-v0]="--norm-adv --trxl-memory-length 119 --total-timesteps 100000000"
+    [MortarMayhem-v0]="--reconstruction-coef 0.1 --trxl-memory-length 275"
+    [MysteryPath-Grid-v0]="--trxl-memory-length 96 --total-timesteps 100000000"
+    [MysteryPath-v0]="--trxl-memory-length 256"
+    [SearingSpotlights-v0]="--reconstruction-coef 0.1 --trxl-memory-length 256"
+    [Endless-MortarMayhem-v0]="--trxl-memory-length 256 --total-timesteps 350000000"
+    [Endless-MysteryPath-v0]="--trxl-memory-length 256 --total-timesteps 350000000"
+    [Endless-SearingSpotlights-v0]="--reconstruction-coef 0.1 --trxl-memory-length 256 --total-timesteps 350000000"
+    [MiniGrid-MemoryS9-v0]="--total-timesteps 2048000 --num-envs 16 --num-steps 256 --trxl-num-layers 2
+        --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64 --max-grad-norm 0.25 --anneal-steps 4096000
+        --clip-coef 0.2"
+    [ProofofMemory-v0]="--total-timesteps 25000 --num-envs 16 --num-steps 128 --num-minibatches 8 --update-epochs 4
+        --trxl-num-layers 4 --trxl-num-heads 1 --trxl-dim 64 --trxl-memory-length 16 --trxl-positional-encoding none
+        --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 --clip-coef 0.2"
+)
+
+usage() {
+    cat <<EOF
+usage: benchmark/ppo_trxl.sh [options] [-- flags for every job]
+
+  --envs "ID ..."       env ids to run (default: all ten documented ones)
+  --seeds "N ..."       seeds (default: "1 2 3")
+  --jobs N              local: jobs at a time (default 1); slurm: array tasks at a time (default: no limit)
+  --slurm               submit a job array with sbatch instead of running here
+  --sbatch-args "..."   extra options for sbatch, e.g. "--partition=gpu --time=2-00:00:00"
+  --python PATH         the Python that runs ppo_trxl.py (default: \$PYTHON or python)
+  --log-dir DIR         local: one log file per job; slurm: job script, commands file and logs
+                        (default: runs/benchmark-logs, runs/slurm/<date-time>)
+  --dry-run             print the commands (local) or the job script and commands file (slurm); run nothing
+  -h, --help            this help
+
+documented env ids: ${ENV_IDS[*]}
+EOF
+}
+
+envs=("${ENV_IDS[@]}")
+seeds=(1 2 3)
+jobs=""
+slurm=false
+sbatch_args=""
+python="${PYTHON:-python}"
+log_dir=""
+dry_run=false
+extra_flags=()
+while (($#)); do
+    case "$1" in
+        --envs) read -ra envs <<<"$2" && shift 2 ;;
+        --seeds) read -ra seeds <<<"$2" && shift 2 ;;
+        --jobs) jobs="$2" && shift 2 ;;
+        --slurm) slurm=true && shift ;;
+        --sbatch-args) sbatch_args="$2" && shift 2 ;;
+        --python) python="$2" && shift 2 ;;
+        --log-dir) log_dir="$2" && shift 2 ;;
+        --dry-run) dry_run=true && shift ;;
+        -h | --help) usage && exit 0 ;;
+        --) shift && extra_flags=("$@") && break ;;
+        *) echo "error: unknown option '$1' (flags for the jobs go after --)" >&2 && usage >&2 && exit 2 ;;
+    esac
+done
+
+for env_id in "${envs[@]}"; do
+    if [[ -z "${CONFIG[$env_id]+set}" ]]; then
+        echo "error: '$env_id' is not a documented experiment; choose from: ${ENV_IDS[*]}" >&2
+        exit 2
+    fi
+done
+if [[ -n "$jobs" && ! "$jobs" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: --jobs takes a positive number, not '$jobs'" >&2
+    exit 2
+fi
+# Jobs run from the repository root: relative paths given here are relative to where this was called
+if [[ -n "$log_dir" && "$log_dir" != /* ]]; then
+    log_dir="$PWD/$log_dir"
+fi
+if [[ "$python" == */* && "$python" != /* ]]; then
+    python="$PWD/$python"
+fi
+
+# One shell-quoted command line per (env, seed), env by env
+commands=()
+names=()
+for env_id in "${envs[@]}"; do
+    read -ra config <<<"${CONFIG[$env_id]//$'\n'/ }"
+    for seed in "${seeds[@]}"; do
+        command=("$python" ppo_trxl.py --env-id "$env_id" --seed "$seed" "${config[@]}" "${extra_flags[@]}")
+        command_line="$(printf '%q ' "${command[@]}")"
+        commands+=("${command_line% }")
+        names+=("${env_id}__${seed}")
+    done
+done
+
+run_local() {
+    local dir="${log_dir:-runs/benchmark-logs}"
+    if $dry_run; then
+        printf '%s\n' "${commands[@]}"
+        return
+    fi
+    cd "$ROOT"
+    mkdir -p "$dir"
+    # Jobs side by side share the cores rather than each starting a thread per core
+    if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+        local cores
+        cores="$(nproc)"
+        export OMP_NUM_THREADS=$((cores / ${jobs:-1} > 1 ? cores / ${jobs:-1} : 1))
+    fi
+    echo "${#commands[@]} jobs, ${jobs:-1} at a time, $OMP_NUM_THREADS threads each, logs in $dir/"
+    # xargs gets (log file, command) pairs and runs each command through run_job; it exits non-zero if any failed
+    local i
+    for i in "${!commands[@]}"; do
+        printf '%s\0%s\0' "$dir/${names[i]}.log" "${commands[i]}"
+    done | xargs -0 -n 2 -P "${jobs:-1}" bash -c '
+        log="$1" command="$2"
+        echo "start  $log"
+        if bash -c "$command" >"$log" 2>&1; then echo "done   $log"; else echo "FAILED $log (exit $?)"; exit 1; fi
+    ' run_job
+}
+
+job_script() {
+    local dir="$1"
+    local throttle="${jobs:+%$jobs}"
+    cat <<EOF
+#!/usr/bin/env bash
+#SBATCH --job-name=ppo_trxl
+#SBATCH --array=0-$((${#commands[@]} - 1))$throttle
+#SBATCH --gres=gpu:1
+#SBATCH --output=$dir/%A_%a.log
+# Array task i runs line i + 1 of the commands file.
+set -euo pipefail
+cd $(printf '%q' "$ROOT")
+command="\$(sed -n "\$((SLURM_ARRAY_TASK_ID + 1))p" $(printf '%q' "$dir/commands.txt"))"
+echo "\$command"
+bash -c "\$command"
+EOF
+}
+
+run_slurm() {
+    local dir="${log_dir:-$ROOT/runs/slurm/$(date +%Y%m%d-%H%M%S)}"
+    if $dry_run; then
+        echo "# $dir/job.sbatch"
+        job_script "$dir"
+        echo "# $dir/commands.txt"
+        printf '%s\n' "${commands[@]}"
+        return
+    fi
+    # Every submission gets its own folder: a pending array reads its commands file when each task starts
+    mkdir -p "$dir"
+    printf '%s\n' "${commands[@]}" >"$dir/commands.txt"
+    job_script "$dir" >"$dir/job.sbatch"
+    read -ra sbatch_options <<<"$sbatch_args"
+    sbatch "${sbatch_options[@]}" "$dir/job.sbatch"
+    echo "${#commands[@]} array tasks submitted; job script, commands and logs in $dir/"
+}
+
+if $slurm; then
+    run_slurm
+else
+    run_local
+fi

@@ -1,0 +1,267 @@
+"""benchmark/: the experiment runner (dry runs, a local pool, the Slurm job script), plot.py on the logs of a tiny
+real training run, throughput.py's command building and memory.py on a tiny config."""
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util import tensor_util
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNNER = ROOT / "benchmark" / "ppo_trxl.sh"
+ENV = {
+    **os.environ,
+    "SDL_VIDEODRIVER": "dummy",
+    "SDL_AUDIODRIVER": "dummy",
+    "MPLBACKEND": "Agg",
+    "PYTHONPATH": str(ROOT),
+}
+DOCUMENTED_ENV_IDS = [
+    "MortarMayhem-Grid-v0",
+    "MortarMayhem-v0",
+    "MysteryPath-Grid-v0",
+    "MysteryPath-v0",
+    "SearingSpotlights-v0",
+    "Endless-MortarMayhem-v0",
+    "Endless-MysteryPath-v0",
+    "Endless-SearingSpotlights-v0",
+    "MiniGrid-MemoryS9-v0",
+    "ProofofMemory-v0",
+]
+TINY_RUN = (
+    "--env-id ProofofMemory-v0 --num-envs 2 --num-steps 32 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 "
+    "--trxl-num-heads 2 --trxl-num-layers 1 --trxl-memory-length 8 --total-timesteps 256 --no-cuda"
+).split()
+
+
+def run(command, **kwargs):
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120, **kwargs)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def flag_values(tokens):
+    """{flag: value} of a command's tokens (True for a flag without value); a repeated flag keeps its last value."""
+    flags = {}
+    for i, token in enumerate(tokens):
+        if token.startswith("--"):
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            flags[token] = tokens[i + 1] if has_value else True
+    return flags
+
+
+def test_dry_run_prints_every_documented_experiment_with_its_flags():
+    commands = [shlex.split(line) for line in run(["bash", str(RUNNER), "--dry-run"]).splitlines()]
+    runs = sorted((flag_values(command)["--env-id"], flag_values(command)["--seed"]) for command in commands)
+    assert runs == sorted((env_id, seed) for env_id in DOCUMENTED_ENV_IDS for seed in "123")
+    assert all(command[:2] == ["python", "ppo_trxl.py"] for command in commands)
+
+    by_env = {flag_values(command)["--env-id"]: flag_values(command) for command in commands}
+    pom = {
+        "--total-timesteps": "25000",
+        "--num-envs": "16",
+        "--num-steps": "128",
+        "--num-minibatches": "8",
+        "--update-epochs": "4",
+        "--trxl-num-layers": "4",
+        "--trxl-num-heads": "1",
+        "--trxl-dim": "64",
+        "--trxl-memory-length": "16",
+        "--trxl-positional-encoding": "none",
+        "--vf-coef": "0.1",
+        "--max-grad-norm": "0.5",
+        "--init-lr": "3e-4",
+        "--init-ent-coef": "0.001",
+        "--clip-coef": "0.2",
+    }
+    assert by_env["ProofofMemory-v0"] == {"--env-id": "ProofofMemory-v0", "--seed": "3", **pom}
+    minigrid = {"--num-envs": "16", "--num-steps": "256", "--trxl-dim": "256", "--trxl-memory-length": "64"}
+    assert minigrid.items() <= by_env["MiniGrid-MemoryS9-v0"].items()
+    assert {"--anneal-steps": "4096000", "--total-timesteps": "2048000"}.items() <= by_env["MiniGrid-MemoryS9-v0"].items()
+    assert by_env["MortarMayhem-Grid-v0"]["--norm-adv"] is True
+    endless = by_env["Endless-SearingSpotlights-v0"]
+    assert (endless["--reconstruction-coef"], endless["--trxl-memory-length"], endless["--total-timesteps"]) == (
+        "0.1",
+        "256",
+        "350000000",
+    )
+
+
+def test_dry_run_selects_envs_and_seeds_and_passes_flags_through():
+    output = run(
+        ["bash", str(RUNNER), "--dry-run", "--envs", "ProofofMemory-v0 MysteryPath-v0", "--seeds", "7 8"]
+        + ["--python", "/opt/py", "--", "--no-cuda", "--total-timesteps", "10000"]
+    )
+    commands = [shlex.split(line) for line in output.splitlines()]
+    assert [(flag_values(c)["--env-id"], flag_values(c)["--seed"]) for c in commands] == [
+        ("ProofofMemory-v0", "7"),
+        ("ProofofMemory-v0", "8"),
+        ("MysteryPath-v0", "7"),
+        ("MysteryPath-v0", "8"),
+    ]
+    assert all(command[0] == "/opt/py" and command[-3:] == ["--no-cuda", "--total-timesteps", "10000"] for command in commands)
+
+    unknown = subprocess.run(["bash", str(RUNNER), "--dry-run", "--envs", "NoSuchEnv-v0"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "NoSuchEnv-v0" in unknown.stderr
+
+
+def test_local_pool_runs_every_job_with_its_own_log(tmp_path):
+    # `echo` as the Python: every job prints its command line into its log
+    output = run(
+        ["bash", str(RUNNER), "--envs", "ProofofMemory-v0", "--jobs", "2", "--python", "echo", "--log-dir", str(tmp_path)]
+    )
+    assert output.count("done") == 3
+    for seed in "123":
+        log = (tmp_path / f"ProofofMemory-v0__{seed}.log").read_text()
+        assert log.startswith("ppo_trxl.py --env-id ProofofMemory-v0 --seed " + seed)
+
+    failing = subprocess.run(
+        ["bash", str(RUNNER), "--envs", "ProofofMemory-v0", "--seeds", "1", "--python", "false", "--log-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert failing.returncode != 0 and "FAILED" in failing.stdout
+
+
+def test_slurm_dry_run_prints_a_valid_job_array_script(tmp_path):
+    output = run(["bash", str(RUNNER), "--slurm", "--dry-run", "--python", "echo", "--log-dir", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == [], "a dry run writes nothing"
+    script, commands = output.split(f"# {tmp_path}/commands.txt\n")
+    script = script.split(f"# {tmp_path}/job.sbatch\n")[1]
+    commands = commands.splitlines()
+    assert len(commands) == 30
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --array=0-29\n" in script
+    (tmp_path / "job.sbatch").write_text(script)
+    run(["bash", "-n", str(tmp_path / "job.sbatch")])
+
+    # Array task 4 runs line 5 of the commands file (with `echo` as the Python: prints it)
+    (tmp_path / "commands.txt").write_text("\n".join(commands) + "\n")
+    task = subprocess.run(
+        ["bash", str(tmp_path / "job.sbatch")], capture_output=True, text=True, env={**ENV, "SLURM_ARRAY_TASK_ID": "4"}
+    )
+    assert task.returncode == 0, task.stderr
+    assert task.stdout.splitlines() == [commands[4], " ".join(shlex.split(commands[4])[1:])]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """runs/ of two seeds of a tiny real ProofofMemory training run."""
+    folder = tmp_path_factory.mktemp("benchmark")
+    trainings = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "ppo_trxl.py"), *TINY_RUN, "--seed", str(seed)],
+            cwd=folder,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    for training in trainings:
+        output, _ = training.communicate(timeout=120)
+        assert training.returncode == 0, output
+    return folder / "runs"
+
+
+def logged_values(run_folder, tag="episode/r_mean"):
+    """The tag's values by step, read straight from the run's event file."""
+    (event_file,) = glob.glob(str(run_folder / "events.out.tfevents.*"))
+    values = {}
+    for event in EventFileLoader(event_file).Load():
+        for value in event.summary.value:
+            if value.tag == tag:
+                values[event.step] = float(tensor_util.make_ndarray(value.tensor))
+    return [values[step] for step in sorted(values)]
+
+
+def table_row(output, env_id):
+    """The cells of env_id's row in plot.py's markdown table."""
+    (line,) = [line for line in output.splitlines() if line.startswith(f"| {env_id} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def check_cells(final, iqm, seeds):
+    """final 'mean +- std (n runs)' and IQM cells against the logged values of the seeds."""
+    last = [values[-1] for values in seeds]
+    pooled = np.sort(np.concatenate([values[-10:] for values in seeds]))
+    cut = len(pooled) // 4
+    mean, std, num_runs = re.fullmatch(r"(-?[\d.]+) \+- ([\d.]+) \((\d+) runs\)", final).groups()
+    assert float(mean) == pytest.approx(np.mean(last), abs=0.006)
+    assert float(std) == pytest.approx(np.std(last), abs=0.006)
+    assert int(num_runs) == len(seeds)
+    assert float(iqm) == pytest.approx(pooled[cut : len(pooled) - cut].mean(), abs=0.006)
+
+
+def test_plot_draws_the_curves_and_tabulates_the_runs(tiny_runs, tmp_path):
+    output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), str(tiny_runs), "--output", str(tmp_path / "a.png")])
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    seeds = [logged_values(folder) for folder in sorted(tiny_runs.iterdir())]
+    assert len(seeds) == 2 and all(len(values) == 4 for values in seeds)
+    _, published, final, iqm = table_row(output, "ProofofMemory-v0")
+    assert published == "-"  # ProofofMemory is not in the published table
+    check_cells(final, iqm, seeds)
+
+
+def test_plot_against_puts_two_settings_side_by_side(tiny_runs, tmp_path):
+    plot = [sys.executable, str(ROOT / "benchmark" / "plot.py"), str(tiny_runs)]
+    seeds = [logged_values(folder) for folder in sorted(tiny_runs.iterdir())]
+
+    # Another folder of runs: the same runs here, so both columns hold the same numbers
+    other = shutil.copytree(tiny_runs, tmp_path / "other")
+    output = run(plot + ["--against", str(other), "--output", str(tmp_path / "folders.png")])
+    assert f"ppo_trxl ({tiny_runs}): final" in output and f"ppo_trxl ({other}): final" in output
+    cells = table_row(output, "ProofofMemory-v0")
+    check_cells(cells[2], cells[3], seeds)
+    check_cells(cells[4], cells[5], seeds)
+
+    # A second exp_name in the same folder: seed 1 alone, renamed
+    mixed = shutil.copytree(tiny_runs, tmp_path / "mixed")
+    seed_1 = sorted(mixed.iterdir())[0]
+    seed_1.rename(mixed / seed_1.name.replace("__ppo_trxl__", "__variant__"))
+    output = run(plot[:-1] + [str(mixed), "--against", "variant", "--output", str(tmp_path / "names.png")])
+    header = table_row(output, "env id")
+    assert header[2:] == ["ppo_trxl: final", "ppo_trxl: IQM", "variant: final", "variant: IQM"]
+    cells = table_row(output, "ProofofMemory-v0")
+    check_cells(cells[2], cells[3], seeds[1:])
+    check_cells(cells[4], cells[5], seeds[:1])
+    assert (tmp_path / "names.png").stat().st_size > 0
+
+
+def test_throughput_builds_the_documented_commands():
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    import throughput
+
+    flags = flag_values(throughput.trainer_flags(throughput.CONFIGS["minigrid"], 3, cuda=False))
+    assert (flags["--env-id"], flags["--trxl-dim"], flags["--no-cuda"]) == ("MiniGrid-MemoryS9-v0", "256", True)
+    assert flags["--total-timesteps"] == str(3 * 16 * 256)
+    flags = flag_values(throughput.trainer_flags(throughput.CONFIGS["mmgrid"], 2, cuda=True))
+    assert (flags["--num-envs"], flags["--num-steps"], flags["--num-minibatches"], flags["--cuda"]) == ("8", "128", "4", True)
+    assert flags["--total-timesteps"] == str(2 * 8 * 128)
+    # 1,000 steps a second after the first iteration, whatever the first one took
+    assert throughput.steps_per_second([(10.0, 100, 5), (11.0, 1100, 90), (13.0, 3100, 200)]) == 1000
+
+
+def test_memory_prints_the_buffers_of_a_tiny_config():
+    memory = [sys.executable, str(ROOT / "benchmark" / "memory.py"), "--env-id", "ProofofMemory-v0", "--num-envs", "4"]
+    memory += "--num-steps 32 --num-minibatches 2 --trxl-dim 32 --trxl-num-heads 2 --trxl-num-layers 1".split()
+    output = run(memory + ["--trxl-memory-length", "8", "--memory-dtype", "bfloat16"])
+
+    def row_bytes(name):
+        (line,) = [line for line in output.splitlines() if line.strip().startswith(name + " ")]
+        return int(re.search(r"([\d,]+) B", line)[1].replace(",", ""))
+
+    assert row_bytes("obs") == 4 * 32 * 3 * 4  # float32 vector observations
+    assert row_bytes("timeline.memory") == 4 * (7 + 32) * 1 * 32 * 2  # (E, C+S, L, D) in bfloat16
+    assert row_bytes("timeline.steps") == 4 * (7 + 32) * 8
+    assert row_bytes("one minibatch's episode copy") == 64 * 16 * 1 * 32 * 4
+    assert row_bytes("transformer layer 0") > 0
+    assert "peak during forward + backward" in output
