@@ -220,53 +220,66 @@ def watch_render_mode(env_id):
     return "debug_rgb_array" if is_memory_gym(env_id) else "rgb_array"
 
 
-class VideoRecorder(gym.Wrapper):
-    """Writes episodes 0, 1, 8, 27, ... (cubes up to 1000, then every 1000th) to `folder/episode-{k}.mp4`.
+class VideoFile:
+    """An mp4 file written frame by frame; it appears under its name only once close() has finished it."""
 
-    A video appears under its final name only once its episode is over.
-    """
+    def __init__(self, path, fps):
+        root, extension = os.path.splitext(path)
+        self.path, self.partial_path, self.fps = path, f"{root}.part{extension}", fps
+        self.writer = None
+
+    def write(self, frame):
+        """frame (h, w, 3) uint8 BGR, opencv's order; every frame has the size of the first."""
+        if self.writer is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fourcc = cv2.VideoWriter_fourcc(*"mp4v")
+            self.writer = cv2.VideoWriter(self.partial_path, fourcc, self.fps, frame.shape[1::-1])
+            if not self.writer.isOpened():
+                fail(
+                    f"opencv cannot write the video '{self.path}': give it a name that ends in .mp4, in a folder you can write to"
+                )
+        self.writer.write(np.ascontiguousarray(frame))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.release()
+            os.replace(self.partial_path, self.path)
+
+
+class VideoRecorder(gym.Wrapper):
+    """Records episodes 0, 1, 8, 27, ... (cubes up to 1000, then every 1000th) to `folder/episode-{k}.mp4`."""
 
     def __init__(self, env, folder, fps=30):
         super().__init__(env)
         self.folder, self.fps = folder, fps
-        self.episode, self.writer = -1, None
-        os.makedirs(folder, exist_ok=True)
+        self.episode, self.video = -1, None
 
     def _record(self):
-        frame = cv2.cvtColor(np.ascontiguousarray(self.env.render()), cv2.COLOR_RGB2BGR)
-        if self.writer is None:
-            self.writer = cv2.VideoWriter(
-                self._path(".part.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, frame.shape[1::-1]
-            )
-        self.writer.write(frame)
-
-    def _path(self, suffix):
-        return os.path.join(self.folder, f"episode-{self.episode}{suffix}")
-
-    def _finish(self):
-        if self.writer is not None:
-            self.writer.release()
-            self.writer = None
-            os.replace(self._path(".part.mp4"), self._path(".mp4"))
+        if self.video:
+            self.video.write(cv2.cvtColor(self.env.render(), cv2.COLOR_RGB2BGR))
 
     def reset(self, **kwargs):
-        self._finish()
+        self.close_video()
         observation, info = self.env.reset(**kwargs)
         self.episode += 1
         cube_root = round(self.episode ** (1 / 3))
-        self.recording = cube_root**3 == self.episode if self.episode < 1000 else self.episode % 1000 == 0
-        if self.recording:
-            self._record()
+        if (cube_root**3 == self.episode) if self.episode < 1000 else self.episode % 1000 == 0:
+            self.video = VideoFile(os.path.join(self.folder, f"episode-{self.episode}.mp4"), self.fps)
+        self._record()
         return observation, info
 
     def step(self, action):
         observation, reward, terminated, truncated, info = self.env.step(action)
-        if self.recording:
-            self._record()
+        self._record()
         return observation, reward, terminated, truncated, info
 
+    def close_video(self):
+        if self.video:
+            self.video.close()
+            self.video = None
+
     def close(self):
-        self._finish()
+        self.close_video()
         super().close()
 
 

@@ -1,0 +1,403 @@
+"""Watch and evaluate trained PPO-TrXL agents: on screen, as a video that shows what they attend to, or as numbers.
+
+Docs: README.md. Published agents come from the Hugging Face hub, your own from `ppo_trxl.py --save-model`:
+
+    python enjoy.py --hub --name Endless-MortarMayhem-v0_12.nn
+    python enjoy.py --name runs/RUN/ppo_trxl.cleanrl_model --episodes 10 --deterministic --video agent.mp4
+
+Beside every frame the video shows the value estimate over the episode and, for every transformer layer, the
+attention over the memory window (mean over heads): the oldest step of the window at the left, the step just
+before the current one at the right.
+"""
+
+import os
+import pickle
+import random
+import re
+import sys
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import cv2
+import numpy as np
+import torch
+import tyro
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from ppo_trxl import (
+    POSITIONAL_ENCODINGS,
+    Agent,
+    VideoFile,
+    action_branches,
+    episode_limit,
+    fail,
+    is_memory_gym,
+    make_env,
+    watch_render_mode,
+)
+
+PUBLISHED = (
+    "Endless-MortarMayhem-v0_12.nn",
+    "Endless-MysterPath-v0_11.nn",
+    "Endless-SearingSpotlights-v0_30.nn",
+    "MiniGrid-MemoryS9-v0_10.nn",
+    "ProofofMemory-v0_1.nn",
+)
+"""The agents published in LilHairdy/cleanrl_memory_gym (the MysterPath typo is the file's real name)."""
+MODEL_ARGS = (
+    "env_id",
+    "trxl_num_layers",
+    "trxl_num_heads",
+    "trxl_dim",
+    "trxl_memory_length",
+    "trxl_positional_encoding",
+    "reconstruction_coef",
+)
+
+PANEL_WIDTH = 320
+MARGIN = 10
+LINE = 18
+PLOT_HEIGHT = 70
+STRIP_HEIGHT = 14
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+TEXT_COLOR = (230, 230, 230)  # BGR, like every colour below
+EMPTY_SLOT_COLOR = (60, 60, 60)
+VALUE_COLOR = (80, 200, 255)
+
+
+@dataclass
+class Args:
+    name: str = "Endless-MortarMayhem-v0_12.nn"
+    """the checkpoint: a file path, or with --hub a file name in the hub repo"""
+    hub: bool = False
+    """if toggled, download --name from the Hugging Face hub (into its local cache)"""
+    repo_id: str = "LilHairdy/cleanrl_memory_gym"
+    """the hub model repo that --hub downloads from"""
+    episodes: int = 1
+    """the number of episodes to play"""
+    seed: int = 1
+    """seed of the environment and of the sampled actions"""
+    deterministic: bool = False
+    """if toggled, take the most likely action of every branch instead of sampling"""
+    video: Optional[str] = None
+    """write the episodes to this .mp4 file (no screen needed), with attention and value beside every frame"""
+    render: bool = True
+    """show the episodes on screen (`human` render) when a display exists and no --video is given"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+
+
+def has_display():
+    """Whether a `human` render can open a window: an X or Wayland display, or a desktop system."""
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")) or sys.platform in ("darwin", "win32")
+
+
+def first_line(error):
+    """The error's kind and the first sentence of its message, for a one-line report."""
+    sentence = re.split(r"(?<=\.)\s|\n", str(error).strip())[0]
+    return f"{type(error).__name__}: {sentence}"[:200] if sentence else type(error).__name__
+
+
+def download(repo_id, filename):
+    """The local path of filename from the hub repo repo_id, taken from huggingface_hub's cache or downloaded into it."""
+    by_hand = (
+        f"download it by hand (`hf download {repo_id} {filename} --local-dir .`, or from "
+        f"https://huggingface.co/{repo_id}/tree/main) and run with --name {filename}"
+    )
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename)
+    except LocalEntryNotFoundError:  # no connection, or offline mode, and not in the cache
+        hub = "is offline (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "cannot be reached"
+        fail(f"the Hugging Face hub {hub} and '{filename}' is not in its local cache: {by_hand}")
+    except RepositoryNotFoundError:
+        fail(f"the hub has no model repo '{repo_id}' (or it is private): check --repo-id")
+    except EntryNotFoundError:
+        fail(f"the hub repo '{repo_id}' has no file '{filename}'; the published agents are {', '.join(PUBLISHED)}")
+    except ValueError as error:  # an invalid repo id or file name
+        fail(f"cannot download '{filename}' from the hub repo '{repo_id}': {first_line(error)}")
+    except OSError as error:
+        fail(f"cannot download '{filename}' from the hub repo '{repo_id}' ({first_line(error)}): {by_hand}")
+
+
+def load_checkpoint(path, device):
+    """The model weights and the training args (a namespace) of a checkpoint `{"model_weights", "args"}`."""
+    not_ours = f"'{path}' is not a PPO-TrXL checkpoint"
+    if not os.path.isfile(path):
+        fail(f"no checkpoint file '{path}': pass one that `ppo_trxl.py --save-model` wrote, or --hub --name NAME")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before it fails on foreign files
+            checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if str(error).startswith("Weights only load failed"):
+            fail(f"{not_ours}: it holds Python objects besides tensors and plain values, which torch.load refuses here")
+        fail(f"{not_ours}: torch.load cannot read it ({first_line(error)})")
+    except Exception as error:  # a foreign file can fail in pickle, zip or EOF checks alike
+        fail(f"{not_ours}: torch.load cannot read it ({first_line(error)})")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), dict):
+        fail(f"{not_ours}: it holds no dict with 'model_weights' and 'args'")
+    if not isinstance(checkpoint.get("model_weights"), dict):
+        fail(f"{not_ours}: its 'model_weights' is not a state_dict")
+    missing = [key for key in MODEL_ARGS if key not in checkpoint["args"]]
+    if missing:
+        fail(f"{not_ours}: its args lack {', '.join(missing)}")
+    args = types.SimpleNamespace(**checkpoint["args"])
+    if args.trxl_positional_encoding not in POSITIONAL_ENCODINGS:
+        fail(f"{not_ours}: unknown trxl_positional_encoding '{args.trxl_positional_encoding}'")
+    return checkpoint["model_weights"], args
+
+
+def state_dict_mismatch(expected, given):
+    """'' when the state_dict `given` fits the model's `expected`, else a short account of what differs."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+
+    def shape(value):
+        return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+
+    reshaped = [
+        f"{key} {shape(given[key])} where the model has {shape(expected[key])}"
+        for key in expected
+        if key in given and shape(given[key]) != shape(expected[key])
+    ]
+    parts = [
+        f"{label} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape of", reshaped))
+        if keys
+    ]
+    return "; ".join(parts)
+
+
+class MemoryWindow:
+    """One env's memory window by the published rule, kept in a rolling buffer of M rows (any episode length fits).
+
+    At episode step t with memory length M the window's slots hold the cached layer inputs of the steps
+
+        t < M:   0     1   ...  t-1 | t  ...  M-1       (steps from t on are not played yet: zeros)
+        t >= M:  t-M+1     ...  t-1 | t
+                 attended           | not attended
+
+    Step s lives in row s % M; the current step's row is empty while the model runs, and push() fills it.
+    """
+
+    def __init__(self, memory_length, num_layers, dim, device):
+        self.memory_length = memory_length
+        self.rows = torch.zeros((memory_length, num_layers, dim), device=device)  # (M, L, D)
+        self.masks = torch.tril(torch.ones((memory_length, memory_length), device=device), diagonal=-1)  # row r: slots < r
+        self.t = 0
+
+    def reset(self):
+        self.rows.zero_()
+        self.t = 0
+
+    def view(self):
+        """memory (1, M, L, D), memory_mask (1, M) and memory_indices (1, M) at the current step."""
+        M = self.memory_length
+        memory_indices = torch.arange(M, device=self.rows.device) + max(self.t - M + 1, 0)  # (M,) episode steps
+        return self.rows[memory_indices % M][None], self.masks[min(self.t, M - 1)][None], memory_indices[None]
+
+    def push(self, new_memory):
+        """Caches the current step's layer inputs (L, D) and moves on; the next step's row drops step t + 1 - M."""
+        self.rows[self.t % self.memory_length] = new_memory
+        self.t += 1
+        self.rows[self.t % self.memory_length] = 0
+
+
+def attention_by_age(attention, memory_indices, memory_mask, t):
+    """Lays the attention of every layer over the window slots, (L, M), out by age: (L, M-1) for the steps
+    t-M+1 .. t-1, oldest first; NaN where the window holds no attended step (before the episode began)."""
+    M = attention.shape[-1]
+    by_age = torch.full((attention.shape[0], M - 1), float("nan"), device=attention.device)
+    attended = memory_mask > 0
+    by_age[:, (M - 1) - (t - memory_indices[attended])] = attention[:, attended]
+    return by_age
+
+
+@torch.inference_mode()
+def act(agent, obs, window, deterministic):
+    """The agent's step at window.t: obs (*obs_shape) -> action (branches,), value () and every layer's attention
+    by age, mean over heads (L, M-1)."""
+    memory, memory_mask, memory_indices = window.view()
+    trxl_out, new_memory, attention = agent.window_pass(obs[None], memory, memory_mask, memory_indices)
+    action = None
+    if deterministic:
+        hidden = agent.hidden_post_trxl(trxl_out)
+        action = torch.stack([branch(hidden).argmax(-1) for branch in agent.actor_branches], 1)
+    action, _, _, value, _ = agent.policy_and_value(trxl_out, action)
+    attention = torch.stack([weights[0].mean(0) for weights in attention])  # (L, M)
+    by_age = attention_by_age(attention, memory_indices[0], memory_mask[0], window.t)
+    window.push(new_memory[0])
+    return action[0], value[0], by_age
+
+
+def panel_height(num_layers):
+    """Two lines of text, the value plot, a caption, then a label and a heat strip per layer and the age axis."""
+    return MARGIN + 2 * LINE + PLOT_HEIGHT + LINE + num_layers * (LINE + STRIP_HEIGHT) + LINE + MARGIN
+
+
+def heat_strip(by_age, width):
+    """(STRIP_HEIGHT, width, 3) BGR: a layer's weights by age (M-1,) through a colour map on a square-root scale
+    (weight 1 is the brightest, and small weights stay visible); grey where nothing is attended."""
+    attended = ~np.isnan(by_age)
+    scaled = np.round(255 * np.sqrt(np.where(attended, by_age, 0.0))).astype(np.uint8)
+    colors = cv2.applyColorMap(scaled[None], cv2.COLORMAP_INFERNO)  # (1, M-1, 3)
+    colors[0, ~attended] = EMPTY_SLOT_COLOR
+    interpolation = cv2.INTER_NEAREST if len(by_age) <= width else cv2.INTER_AREA
+    return cv2.resize(colors, (width, STRIP_HEIGHT), interpolation=interpolation)
+
+
+def draw_panel(height, step, episode_return, values, limit, decision=None):
+    """The panel beside a frame, (height, PANEL_WIDTH, 3) BGR: step and return; the value over the episode (x spans
+    the episode limit, or the episode once it is longer); and the decision at this step, decision = (action,
+    attention by age (L, M-1) numpy): the action, and the attention of every layer. None once the episode is over."""
+    panel = np.full((height, PANEL_WIDTH, 3), 24, dtype=np.uint8)
+    width = PANEL_WIDTH - 2 * MARGIN
+
+    def text(string, x, y, scale=0.4):
+        cv2.putText(panel, string, (x, y), FONT, scale, TEXT_COLOR, 1, cv2.LINE_AA)
+
+    y = MARGIN + LINE - 6
+    text(f"step {step}   return {episode_return:+.2f}", MARGIN, y)
+    y += LINE
+    text(f"value {values[-1]:+.3f}   action {decision[0]}" if decision else "episode over", MARGIN, y)
+
+    top, plot_width = y + 8, width - 48  # the value range is written right of the plot
+    low, high = min(values), max(values)
+    span = max(high - low, 1e-6)
+    xs = MARGIN + np.arange(len(values)) * (plot_width - 1) / max(limit - 1, len(values) - 1, 1)
+    ys = top + (PLOT_HEIGHT - 1) * (high - np.asarray(values)) / span
+    if low < 0 < high:
+        zero = round(top + (PLOT_HEIGHT - 1) * high / span)
+        cv2.line(panel, (MARGIN, zero), (MARGIN + plot_width - 1, zero), EMPTY_SLOT_COLOR, 1)
+    cv2.rectangle(panel, (MARGIN, top), (MARGIN + plot_width - 1, top + PLOT_HEIGHT - 1), EMPTY_SLOT_COLOR, 1)
+    points = np.stack([xs, ys], 1).round().astype(np.int32)  # (steps, 2) pixel coordinates
+    cv2.polylines(panel, [points[:, None]], False, VALUE_COLOR, 1, cv2.LINE_AA)
+    cv2.circle(panel, tuple(points[-1].tolist()), 2, VALUE_COLOR, -1, cv2.LINE_AA)
+    text(f"{high:+.2f}", MARGIN + plot_width + 4, top + 10, 0.35)
+    text(f"{low:+.2f}", MARGIN + plot_width + 4, top + PLOT_HEIGHT - 1, 0.35)
+
+    y = top + PLOT_HEIGHT + LINE
+    text("attention by age (mean of heads, sqrt scale)", MARGIN, y)
+    if decision is None:
+        return panel
+    attention = decision[1]
+    for layer, by_age in enumerate(attention):
+        y += LINE
+        peak = "nothing to attend yet"
+        if not np.isnan(by_age).all():
+            peak = f"peak t-{len(by_age) - np.nanargmax(by_age)} ({np.nanmax(by_age):.2f})"
+        text(f"layer {layer}: {peak}", MARGIN, y)
+        panel[y + 4 : y + 4 + STRIP_HEIGHT, MARGIN : MARGIN + width] = heat_strip(by_age, width)
+        y += STRIP_HEIGHT
+    text(f"t-{attention.shape[1]}", MARGIN, y + LINE, 0.35)
+    text("t-1", MARGIN + width - 22, y + LINE, 0.35)
+    return panel
+
+
+class AnnotatedVideo:
+    """Env frames with the panel beside them, written to an mp4 that appears under its name once closed."""
+
+    def __init__(self, path, fps, frame_shape, num_layers):
+        self.panel_height = max(frame_shape[0], panel_height(num_layers))
+        width = frame_shape[1] + PANEL_WIDTH
+        self.size = (width + width % 2, self.panel_height + self.panel_height % 2)  # (width, height), even for mp4
+        self.file = VideoFile(path, fps)
+
+    def write(self, frame, panel):
+        """frame (h, w, 3) RGB from the env's render, panel (self.panel_height, PANEL_WIDTH, 3) BGR."""
+        canvas = np.zeros(self.size[::-1] + (3,), dtype=np.uint8)
+        canvas[: frame.shape[0], : frame.shape[1]] = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
+        canvas[: panel.shape[0], frame.shape[1] : frame.shape[1] + PANEL_WIDTH] = panel
+        self.file.write(canvas)
+
+    def close(self):
+        self.file.close()
+
+
+def play(agent, env, window, args, video, render_by_hand):
+    """Plays args.episodes episodes, yielding each one's (return, length). With a video, every step's frame is
+    written with the decision taken there, and each episode's last frame after it."""
+    device = next(agent.parameters()).device
+    for episode in range(args.episodes):
+        obs, _ = env.reset(seed=args.seed if episode == 0 else None)
+        limit = episode_limit(env)
+        window.reset()
+        values, episode_return, done = [], 0.0, False
+        while not done:
+            if render_by_hand:
+                env.render()
+            t = window.t
+            action, value, attention = act(agent, torch.as_tensor(obs, device=device), window, args.deterministic)
+            values.append(value.item())
+            env_action = action.cpu().numpy().reshape(env.action_space.shape)[()]  # a scalar for Discrete
+            if video:
+                panel = draw_panel(video.panel_height, t, episode_return, values, limit, (env_action, attention.cpu().numpy()))
+                video.write(env.render(), panel)
+            obs, reward, terminated, truncated, _ = env.step(env_action)
+            episode_return += float(reward)
+            done = terminated or truncated
+        if render_by_hand:
+            env.render()
+        if video:
+            video.write(env.render(), draw_panel(video.panel_height, window.t, episode_return, values, limit))
+        yield episode_return, window.t
+
+
+def main(args):
+    if args.episodes < 1:
+        fail("--episodes must be at least 1")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    path = download(args.repo_id, args.name) if args.hub else args.name
+    weights, train_args = load_checkpoint(path, device)
+
+    render_mode = None
+    if args.video:
+        render_mode = watch_render_mode(train_args.env_id)
+    elif args.render and has_display():
+        render_mode = "human"
+    # gymnasium 0.29 warns when MiniGrid's wrappers reach through each other, and when it draws an env on screen for it
+    warnings.filterwarnings("ignore", message=".*to get variables from other wrappers is deprecated")
+    warnings.filterwarnings("ignore", message=".*The HumanRendering wrapper is being applied")
+    env = make_env(train_args.env_id, 0, False, "", render_mode)()
+    env.reset(seed=args.seed)  # Memory Gym sets its episode limit in reset
+    agent = Agent(train_args, env.observation_space, action_branches(env.action_space), episode_limit(env)).to(device)
+    mismatch = state_dict_mismatch(agent.state_dict(), weights)
+    if mismatch:
+        fail(f"the weights in '{path}' do not fit the model that its args describe: {mismatch}")
+    agent.load_state_dict(weights)
+    window = MemoryWindow(train_args.trxl_memory_length, train_args.trxl_num_layers, train_args.trxl_dim, device)
+    video = None
+    if args.video:
+        video = AnnotatedVideo(
+            args.video, env.metadata.get("render_fps") or 30, env.render().shape, train_args.trxl_num_layers
+        )
+    render_by_hand = render_mode == "human" and is_memory_gym(train_args.env_id)  # Memory Gym draws only when asked
+
+    returns, lengths = [], []
+    try:
+        for episode_return, length in play(agent, env, window, args, video, render_by_hand):
+            returns.append(episode_return)
+            lengths.append(length)
+            print(f"episode {len(returns)}/{args.episodes}: return {episode_return:.3f}, length {length}", flush=True)
+    except KeyboardInterrupt:
+        print("interrupted")
+    finally:
+        env.close()
+    if video:
+        video.close()
+        print(f"video written to {args.video}")
+    if returns:
+        print(
+            f"{len(returns)} episodes: return {np.mean(returns):.3f} +- {np.std(returns):.3f}, "
+            f"length {np.mean(lengths):.1f} +- {np.std(lengths):.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
