@@ -809,12 +809,17 @@ def parse_args():
             fail(
                 f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's {checkpoint['args'][name]}: resume with the same env and model"
             )
+    if checkpoint["global_step"] != checkpoint["iteration"] * args.batch_size * world_size():
+        fail(
+            f"the checkpoint took {checkpoint['global_step'] // checkpoint['iteration']} steps an iteration: resume with the "
+            "same --num-envs x --num-steps (x torchrun ranks) so that the run ends at its --total-timesteps"
+        )
     encodings = (args.trxl_positional_encoding, checkpoint["args"]["trxl_positional_encoding"])
     if len({"" if encoding == "none" else encoding for encoding in encodings}) > 1 or (args.reconstruction_coef > 0) != (
         checkpoint["args"]["reconstruction_coef"] > 0
     ):
         fail("the positional encoding or the reconstruction head differs from the checkpoint's: resume with the same model")
-    return args, checkpoint
+    return args, {**checkpoint, "path": path}
 
 
 def save_checkpoint(run_name, keep, **state):
@@ -978,7 +983,8 @@ if __name__ == "__main__":
     next_obs = torch.as_tensor(next_obs, device=device)
     next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # (E,) episode step of next_obs
     episode_infos = deque(maxlen=100)
-    last_checkpoint = checkpoint and args.resume
+    last_checkpoint = checkpoint and checkpoint["path"]
+    stopping = None  # the signal that all ranks agreed to stop on
     stop = StopSignals()
     total_steps = args.num_iterations * args.batch_size * world_size()
     start_time, start_step = time.time(), global_step
