@@ -10,8 +10,9 @@ Docs: README.md. A one-minute run on the CPU:
 How memory works here. Every layer caches its input at every step; at episode step t a layer attends to
 the cached inputs of the same episode's steps [t - w, t - 1], w = min(t, memory_length - 1): a band that
 ends just before the current step. The band of a sample is a slice of its env's timeline, the stream of
-steps that the env produced, so keys and values are computed once per cached step (not once per sample
-that sees it) and the attention scores of a whole env are one matrix product with a band mask.
+steps that the env produced, so each cached step is normalised once (not once per sample that sees it),
+the bias-free key and value projections move onto the queries and the attended sums, and the scores of
+a chunk of an env's steps are one matrix product with a band mask. No window is copied per sample.
 """
 
 import dataclasses
