@@ -878,12 +878,20 @@ def init_distributed(args):
     flags = [None] * world_size()
     dist.all_gather_object(flags, vars(args))
     for other_rank, other in enumerate(flags):
-        differing = sorted(name for name in other if other[name] != flags[0].get(name))
+        differing = sorted(f"--{name.replace('_', '-')}" for name in other if other[name] != flags[0].get(name))
         if differing:
             fail(
                 f"rank {other_rank}'s flags differ from rank 0's ({', '.join(differing)}): start every rank with the same command"
             )
     return rank, device
+
+
+def launcher():
+    """The command that starts this job again: python, or torchrun with as many nodes and processes per node."""
+    if world_size() == 1:
+        return "python"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return f"torchrun --nnodes {world_size() // per_node} --nproc-per-node {per_node}"
 
 
 def gather(obj):
@@ -1137,12 +1145,14 @@ if __name__ == "__main__":
                 )
         if stopping:
             if rank == 0:
-                print(f"stopped by {stopping} at step {global_step}; resume with: python ppo_trxl.py --resume runs/{run_name}")
+                print(
+                    f"stopped by {stopping} at step {global_step}; resume with: {launcher()} ppo_trxl.py --resume runs/{run_name}"
+                )
             break
 
     digests = gather(parameters_digest(agent))
     if world_size() > 1:
-        print(f"rank {rank}: parameters {digests[rank]}", flush=True)
+        print(f"rank {rank}: parameters {digests[rank]}\n", end="", flush=True)  # one write, so ranks' lines stay whole
         if len(set(digests)) > 1:
             fail(f"the ranks ended with different parameters ({', '.join(digests)}): their updates went apart")
     if rank == 0:
