@@ -10,18 +10,14 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from test_train import ALWAYS_LOGGED, ITERATION_LINE, ROOT, SCRIPT, Run, load_agent, tiny, train_env  # noqa: F401
+from test_train import ALWAYS_LOGGED, ITERATION_LINE, ROOT, SCRIPT, Launch, Run, load_agent, tiny, train_env  # noqa: F401
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -58,43 +54,6 @@ def free_port():
         return probe.getsockname()[1]
 
 
-class Launch:
-    """A command running in the background in a process group of its own; its console lines are read as they come."""
-
-    def __init__(self, command, cwd, env):
-        self.cwd, self.started, self.lines = Path(cwd), time.time(), []
-        self.stderr = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=self.stderr, text=True, start_new_session=True
-        )
-        self.watchdog = threading.Timer(TIMEOUT, self.kill)
-        self.watchdog.start()
-
-    def kill(self):
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def wait_for(self, prefix):
-        """Reads the console up to the first line that starts with prefix."""
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if line.startswith(prefix):
-                return
-        run = self.finish()
-        raise AssertionError(f"no line starting with {prefix!r}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}")
-
-    def finish(self):
-        self.lines += self.process.stdout.read().splitlines()
-        self.process.wait()
-        self.watchdog.cancel()
-        self.stderr.seek(0)
-        stderr = self.stderr.read()
-        self.stderr.close()
-        return Run(self.cwd, self.process.returncode, "\n".join(self.lines), stderr, self.started, time.time())
-
-
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory, train_env):
     """launch(command, cwd, **env) starts command in cwd (a folder, or the name of a fresh one) with env added."""
@@ -102,7 +61,7 @@ def launch(tmp_path_factory, train_env):
     def start(command, cwd, **env):
         if isinstance(cwd, str):
             cwd = tmp_path_factory.mktemp(cwd)
-        return Launch(command, cwd, {**train_env, **env})
+        return Launch(command, cwd, {**train_env, **env}, TIMEOUT)
 
     return start
 
@@ -217,7 +176,7 @@ def stopped(launch, tmp_path_factory):
     flags = tiny("ProofofMemory-v0", "save-model", total_timesteps=STOP_ITERATIONS * GLOBAL_BATCH, checkpoint_interval=1)
     training = launch(standalone(flags), "sigterm")
     training.wait_for("iteration 2/")
-    training.process.send_signal(signal.SIGTERM)
+    training.signal(signal.SIGTERM)
     run = training.finish()
     copy = tmp_path_factory.mktemp("sigterm-copy")
     if (run.cwd / "runs").is_dir():

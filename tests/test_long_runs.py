@@ -7,18 +7,14 @@ Every run works in its own temporary folder, so `runs/` lands there; a resume ru
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from test_train import ITERATION_LINE, ROOT, SCRIPT, Run, load_agent, tiny, train_env  # noqa: F401
+from test_train import ITERATION_LINE, ROOT, SCRIPT, Launch, Run, load_agent, tiny, train_env  # noqa: F401
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -31,45 +27,6 @@ STOP_LINE = re.compile(r"^stopped by (SIGTERM|SIGINT) at step (\d+); resume with
 TIMEOUT = 180
 
 
-class Training:
-    """ppo_trxl.py running in the background; its console lines are read as they come."""
-
-    def __init__(self, cwd, flags, env):
-        self.cwd, self.started, self.lines = Path(cwd), time.time(), []
-        self.stderr = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *flags],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-        )
-        self.watchdog = threading.Timer(TIMEOUT, self.process.kill)
-        self.watchdog.start()
-
-    def wait_for_iteration(self, iteration):
-        """Reads the console up to the line of the given iteration."""
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if line.startswith(f"iteration {iteration}/"):
-                return
-        run = self.finish()
-        raise AssertionError(f"the run ended before iteration {iteration}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}")
-
-    def signal(self, signum):
-        self.process.send_signal(signum)
-
-    def finish(self):
-        self.lines += self.process.stdout.read().splitlines()
-        self.process.wait()
-        self.watchdog.cancel()
-        self.stderr.seek(0)
-        stderr = self.stderr.read()
-        self.stderr.close()
-        return Run(self.cwd, self.process.returncode, "\n".join(self.lines), stderr, self.started, time.time())
-
-
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, train_env):
     """start(flags, cwd) starts ppo_trxl.py in cwd: a folder, or the name of a fresh one."""
@@ -77,7 +34,7 @@ def start(tmp_path_factory, train_env):
     def launch(flags, cwd="run"):
         if isinstance(cwd, str):
             cwd = tmp_path_factory.mktemp(cwd)
-        return Training(cwd, flags, train_env)
+        return Launch([sys.executable, str(SCRIPT), *flags], cwd, train_env, TIMEOUT)
 
     return launch
 
@@ -152,7 +109,7 @@ KILL_FLAGS = tiny(
 @pytest.fixture(scope="module")
 def killed(start):
     training = start(KILL_FLAGS, "killed")
-    training.wait_for_iteration(5)
+    training.wait_for("iteration 5/")
     training.signal(signal.SIGKILL)
     return training.finish()
 
@@ -279,7 +236,7 @@ def signalled(start):
     flags = tiny("ProofofMemory-v0", "save-model", total_timesteps=SIGNAL_ITERATIONS * BATCH)
     runs, saved = [], []
     training = start(flags, "signals")
-    training.wait_for_iteration(2)
+    training.wait_for("iteration 2/")
     training.signal(signal.SIGTERM)
     runs.append(training.finish())
     saved.append(on_disk(runs[-1]))
@@ -287,7 +244,7 @@ def signalled(start):
     assert match, f"stdout:\n{runs[-1].stdout}\nstderr:\n{runs[-1].stderr}"
 
     training = start(["--resume", match.group(3)], runs[0].cwd)
-    training.wait_for_iteration(int(match.group(2)) // BATCH + 2)
+    training.wait_for(f"iteration {int(match.group(2)) // BATCH + 2}/")
     training.signal(signal.SIGINT)
     runs.append(training.finish())
     saved.append(on_disk(runs[-1]))

@@ -7,8 +7,11 @@ import importlib
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import types
 from dataclasses import dataclass, fields
@@ -132,6 +135,46 @@ class Run:
         path = self.run_dir / "ppo_trxl.cleanrl_model"
         assert path.is_file(), list(self.run_dir.iterdir())
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Launch:
+    """A command running in the background in a process group of its own; its console lines are read as they come."""
+
+    def __init__(self, command, cwd, env, timeout):
+        self.cwd, self.started, self.lines = Path(cwd), time.time(), []
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=self.stderr, text=True, start_new_session=True
+        )
+        self.watchdog = threading.Timer(timeout, self.kill)
+        self.watchdog.start()
+
+    def kill(self):
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def signal(self, signum):
+        self.process.send_signal(signum)
+
+    def wait_for(self, prefix):
+        """Reads the console up to the first line that starts with prefix."""
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith(prefix):
+                return
+        run = self.finish()
+        raise AssertionError(f"no line starting with {prefix!r}\nstdout:\n{run.stdout}\nstderr:\n{run.stderr}")
+
+    def finish(self):
+        self.lines += self.process.stdout.read().splitlines()
+        self.process.wait()
+        self.watchdog.cancel()
+        self.stderr.seek(0)
+        stderr = self.stderr.read()
+        self.stderr.close()
+        return Run(self.cwd, self.process.returncode, "\n".join(self.lines), stderr, self.started, time.time())
 
 
 @pytest.fixture(scope="session")
