@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from test_train import ALWAYS_LOGGED, ITERATION_LINE, ROOT, SCRIPT, Launch, Run, load_agent, tiny, train_env  # noqa: F401
+from test_train import ALWAYS_LOGGED, ROOT, SCRIPT, Launch, Run, load_agent, tiny, train_env  # noqa: F401
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -88,16 +88,6 @@ def common_digest(run):
     return digests.pop()
 
 
-def iterations(run):
-    """[(iteration, of, step, of)] of the run's console lines."""
-    numbers = []
-    for line in run.iteration_lines:
-        match = ITERATION_LINE.match(line)
-        assert match, line
-        numbers.append(tuple(int(group) for group in match.groups()[:4]))
-    return numbers
-
-
 def expected_iterations(first, last, of):
     return [(i, of, GLOBAL_BATCH * i, GLOBAL_BATCH * of) for i in range(first, last + 1)]
 
@@ -163,7 +153,7 @@ def test_logged_steps_count_both_ranks_envs(pom_run):
 
 def test_console_lines_come_from_rank_zero(pom_run):
     pom_run.check()
-    assert iterations(pom_run) == expected_iterations(1, RUN_ITERATIONS, RUN_ITERATIONS), pom_run.stdout
+    assert pom_run.iterations() == expected_iterations(1, RUN_ITERATIONS, RUN_ITERATIONS), pom_run.stdout
     assert pom_run.stdout.count("model saved to") == 1, pom_run.stdout
 
 
@@ -199,7 +189,7 @@ def test_sigterm_stops_every_rank_with_a_checkpoint(stopped):
     # the signal came after the line of iteration 2: the ranks agree to stop after an iteration that follows it
     last = step // GLOBAL_BATCH
     assert step == GLOBAL_BATCH * last and 3 <= last < STOP_ITERATIONS, step
-    assert iterations(run) == expected_iterations(1, last, STOP_ITERATIONS), run.stdout
+    assert run.iterations() == expected_iterations(1, last, STOP_ITERATIONS), run.stdout
     digest = common_digest(run)
     paths = checkpoints(run)
     assert paths and paths[-1].name == f"step-{step:012d}.pt", paths
@@ -223,7 +213,7 @@ def test_distributed_resume_reaches_the_total(stopped, resumed):
     resumed.check()
     check_no_own_traceback(resumed)
     last = stop_message(run)[0] // GLOBAL_BATCH
-    assert iterations(resumed) == expected_iterations(last + 1, STOP_ITERATIONS, STOP_ITERATIONS), resumed.stdout
+    assert resumed.iterations() == expected_iterations(last + 1, STOP_ITERATIONS, STOP_ITERATIONS), resumed.stdout
     digest = common_digest(resumed)
     model, agent = published_model(resumed)
     assert state_digest(model["model_weights"]) == ppo_trxl.parameters_digest(agent) == digest
@@ -243,7 +233,7 @@ def test_resume_on_one_rank_ends_at_the_total_or_refuses(stopped, launch):
     _, run_dir = stop_message(run)
     total = STOP_ITERATIONS * GLOBAL_BATCH
     single = launch([sys.executable, str(SCRIPT), "--resume", run_dir], copy).finish()
-    steps = [step for _, _, step, _ in iterations(single)]
+    steps = [step for _, _, step, _ in single.iterations()]
     assert all(step <= total for step in steps), single.stdout
     if single.returncode:
         # refusing to resume with another number of ranks is fine too, with a one-line error
@@ -281,7 +271,7 @@ def test_two_nodes_train_like_one(launch, pom_run):
     assert len(digests) == 1, found
     (writer,) = [run for run in runs if (run.cwd / "runs").exists()]
     (other,) = [run for run in runs if run is not writer]
-    assert iterations(writer) == expected_iterations(1, RUN_ITERATIONS, RUN_ITERATIONS), writer.stdout
+    assert writer.iterations() == expected_iterations(1, RUN_ITERATIONS, RUN_ITERATIONS), writer.stdout
     assert not other.iteration_lines, other.stdout
     model, _ = published_model(writer)
     assert state_digest(model["model_weights"]) == digests.pop() == common_digest(pom_run)

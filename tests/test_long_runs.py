@@ -14,7 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from test_train import ITERATION_LINE, ROOT, SCRIPT, Launch, Run, load_agent, tiny, train_env  # noqa: F401
+from test_train import ROOT, SCRIPT, Launch, Run, load_agent, tiny, train_env  # noqa: F401
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -44,16 +44,6 @@ def copy_run(run, tmp_path_factory, name):
     cwd = tmp_path_factory.mktemp(name)
     shutil.copytree(run.cwd / "runs", cwd / "runs")
     return cwd
-
-
-def iterations(run):
-    """[(iteration, of, step, of)] of the run's console lines."""
-    numbers = []
-    for line in run.iteration_lines:
-        match = ITERATION_LINE.match(line)
-        assert match, line
-        numbers.append(tuple(int(group) for group in match.groups()[:4]))
-    return numbers
 
 
 def checkpoints(run_dir):
@@ -127,7 +117,7 @@ def resumed(killed, start, tmp_path_factory):
 
 def test_sigkill_leaves_loadable_checkpoints(killed):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    numbers = iterations(killed)
+    numbers = killed.iterations()
     last = numbers[-1][0]
     assert 5 <= last < KILL_ITERATIONS
     assert numbers == [(i, KILL_ITERATIONS, BATCH * i, BATCH * KILL_ITERATIONS) for i in range(1, last + 1)]
@@ -149,7 +139,7 @@ def test_resume_continues_to_total_timesteps(killed, resumed_run):
     assert resumed_run.run_dir.name == killed.run_dir.name
     total = BATCH * KILL_ITERATIONS
     expected = [(i, KILL_ITERATIONS, BATCH * i, total) for i in range(newest + 1, KILL_ITERATIONS + 1)]
-    assert iterations(resumed_run) == expected, resumed_run.stdout
+    assert resumed_run.iterations() == expected, resumed_run.stdout
     assert "Traceback" not in resumed_run.stderr, resumed_run.stderr
 
 
@@ -214,7 +204,7 @@ def test_resume_with_another_batch_size_keeps_the_step_budget(killed, start, tmp
     total = BATCH * KILL_ITERATIONS
     steps = scalar_steps(run)
     assert steps == sorted(set(steps)) and steps[-1] == total, steps
-    assert iterations(run)[-1][2:] == (total, total), run.stdout
+    assert run.iterations()[-1][2:] == (total, total), run.stdout
 
 
 # 2. SIGTERM and SIGINT: finish the iteration, write a checkpoint, say how to resume
@@ -265,7 +255,7 @@ def test_signal_stops_cleanly_with_a_checkpoint(signalled, stop):
     assert name == ["SIGTERM", "SIGINT"][stop]
     assert run_dir == f"runs/{run.run_dir.name}"
     # the iteration under way when the signal came is finished and is the last one
-    assert iterations(run)[-1][2] == int(step)
+    assert run.iterations()[-1][2] == int(step)
     paths, model_exists, no_temporary = saved[stop]
     assert len(paths) == stop + 1, paths
     checkpoint = load_checkpoint(paths[-1])
@@ -279,10 +269,10 @@ def test_resume_after_signals_finishes(signalled):
     runs, _ = signalled
     sigterm, sigint, last = runs
     last.check()
-    stopped_at = [iterations(run)[-1][0] for run in (sigterm, sigint)]
+    stopped_at = [run.iterations()[-1][0] for run in (sigterm, sigint)]
     expected = [(i, SIGNAL_ITERATIONS, BATCH * i, BATCH * SIGNAL_ITERATIONS) for i in range(1, SIGNAL_ITERATIONS + 1)]
-    assert iterations(sigterm) + iterations(sigint) + iterations(last) == expected
-    assert iterations(sigint)[0][0] == stopped_at[0] + 1
+    assert sigterm.iterations() + sigint.iterations() + last.iterations() == expected
+    assert sigint.iterations()[0][0] == stopped_at[0] + 1
     assert scalar_steps(last) == [step for _, _, step, _ in expected]
     check_published_model(last)
 
@@ -304,7 +294,7 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(nan_run):
     # NaN rewards begin at step 101 of every env, within iteration 4's 32 steps per env
     good = f"runs/{nan_run.run_dir.name}/checkpoints/step-{3 * BATCH:012d}.pt"
     assert "iteration 4 " in errors[0] and errors[0].endswith(good), errors[0]
-    assert [number[0] for number in iterations(nan_run)] == [1, 2, 3]
+    assert [number[0] for number in nan_run.iterations()] == [1, 2, 3]
     paths = checkpoints(nan_run.run_dir)
     assert [path.name for path in paths] == [f"step-{BATCH * i:012d}.pt" for i in (1, 2, 3)]
     checkpoint = load_checkpoint(nan_run.cwd / good)
@@ -323,7 +313,7 @@ def bfloat16_run(start):
 
 
 def test_bfloat16_memory_run_finishes_and_resumes(bfloat16_run, start, tmp_path_factory):
-    assert [number[2] for number in iterations(bfloat16_run)] == [BATCH, 2 * BATCH, 3 * BATCH]
+    assert [number[2] for number in bfloat16_run.iterations()] == [BATCH, 2 * BATCH, 3 * BATCH]
     check_published_model(bfloat16_run, "bfloat16")
     (path,) = checkpoints(bfloat16_run.run_dir)
     assert load_checkpoint(path)["args"]["memory_dtype"] == "bfloat16"
@@ -331,7 +321,7 @@ def test_bfloat16_memory_run_finishes_and_resumes(bfloat16_run, start, tmp_path_
     # resume from the checkpoint file of iteration 2: iteration 3 is trained again
     cwd = copy_run(bfloat16_run, tmp_path_factory, "bfloat16-resume")
     resumed = start(["--resume", str(path.relative_to(bfloat16_run.cwd))], cwd).finish().check()
-    assert iterations(resumed) == [(3, 3, 3 * BATCH, 3 * BATCH)]
+    assert resumed.iterations() == [(3, 3, 3 * BATCH, 3 * BATCH)]
     assert scalar_steps(resumed) == [BATCH, 2 * BATCH, 3 * BATCH]
     check_published_model(resumed, "bfloat16")
 

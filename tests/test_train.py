@@ -122,6 +122,15 @@ class Run:
     def iteration_lines(self):
         return [line for line in self.stdout.splitlines() if line.startswith("iteration ")]
 
+    def iterations(self):
+        """[(iteration, of, step, of)] of the console lines."""
+        numbers = []
+        for line in self.iteration_lines:
+            match = ITERATION_LINE.match(line)
+            assert match, line
+            numbers.append(tuple(int(group) for group in match.groups()[:4]))
+        return numbers
+
     def scalars(self):
         """{tag: [(global step, value)]} from the run's tensorboard event file."""
         assert list(self.run_dir.glob("events.out.tfevents.*")), f"no event file in {self.run_dir}"
