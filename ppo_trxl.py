@@ -303,12 +303,12 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     return thunk
 
 
-def make_envs(args, run_name, seed):
+def make_envs(args, run_name, seed, capture_video=False):
     """The vector env of args.num_envs envs, reset with seed, with what the model needs to know of it.
 
     Returns envs, the first observations, the observation space, the action branches and the episode limit.
     """
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, args.capture_video, run_name) for i in range(args.num_envs)])
+    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, capture_video, run_name) for i in range(args.num_envs)])
     observation_space, action_space = envs.single_observation_space, envs.single_action_space
     check_observation_space(observation_space, args.reconstruction_coef)
     action_space_shape = action_branches(action_space)
@@ -945,7 +945,7 @@ if __name__ == "__main__":
 
     # Environments (a resumed run starts fresh episodes, seeded apart from the ones before)
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = make_envs(
-        args, run_name, args.seed + global_step + rank * args.num_envs
+        args, run_name, args.seed + global_step + rank * args.num_envs, capture_video=args.capture_video and rank == 0
     )
     memory_length = min(args.trxl_memory_length, max_episode_steps)
     if checkpoint and memory_length != checkpoint["args"]["trxl_memory_length"]:
