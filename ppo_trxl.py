@@ -353,6 +353,27 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
+def band_mask(query_positions, episode_steps, num_slots, memory_length):
+    """Which timeline slots each query may attend: the same episode's last min(t, memory_length - 1) steps.
+
+    query_positions, episode_steps (N, S) -> allowed (N, S, num_slots) bool. A query at timeline slot p
+    and episode step t sees the slots [p - w, p - 1], w = min(t, memory_length - 1):
+
+        slot   . . . p-w . . . p-1  p  . . .
+        seen         x  x  x  x     -
+    """
+    ages = query_positions.unsqueeze(-1) - torch.arange(num_slots, device=query_positions.device)
+    width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
+    return (ages >= 1) & (ages <= width)
+
+
+def query_chunk(num_queries, context):
+    """The length of the chunks into which evaluate cuts a block's steps: the smallest divisor of
+    num_queries that is at least half the context, so that each chunk attends to few slots outside
+    its bands while the windows of neighbouring chunks overlap little."""
+    return next(size for size in range(1, num_queries + 1) if num_queries % size == 0 and 2 * size >= context)
+
+
 class PositionalEncoding(nn.Module):
     """The `absolute` encoding: step s of an episode with limit T is encoded as the value v = T - 1 - s,
     [sin(v * inv_freqs), cos(v * inv_freqs)]. Past T the same formula continues with negative v."""
@@ -594,20 +615,6 @@ class Agent(nn.Module):
         return log_probs, entropy, value, hidden
 
 
-def band_mask(query_positions, episode_steps, num_slots, memory_length):
-    """Which timeline slots each query may attend: the same episode's last min(t, memory_length - 1) steps.
-
-    query_positions, episode_steps (N, S) -> allowed (N, S, num_slots) bool. A query at timeline slot p
-    and episode step t sees the slots [p - w, p - 1], w = min(t, memory_length - 1):
-
-        slot   . . . p-w . . . p-1  p  . . .
-        seen         x  x  x  x     -
-    """
-    ages = query_positions.unsqueeze(-1) - torch.arange(num_slots, device=query_positions.device)
-    width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
-    return (ages >= 1) & (ages <= width)
-
-
 class Timeline:
     """Every env's recent stream of steps: the cached layer inputs that later steps attend to.
 
@@ -743,13 +750,6 @@ def minibatches(num_envs, num_steps, num_minibatches, device):
     for i in torch.randperm(len(blocks)).tolist():
         group, start = blocks[i]
         yield group, start, start + chunk
-
-
-def query_chunk(num_queries, context):
-    """The length of the chunks into which evaluate cuts a block's steps: the smallest divisor of
-    num_queries that is at least half the context, so that each chunk attends to few slots outside
-    its bands while the windows of neighbouring chunks overlap little."""
-    return next(size for size in range(1, num_queries + 1) if num_queries % size == 0 and 2 * size >= context)
 
 
 def evaluate(agent, timeline, env_indices, start, end, obs, actions):
