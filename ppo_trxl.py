@@ -47,6 +47,14 @@ from torch.utils.tensorboard import SummaryWriter
 import pom_env  # noqa: F401  (registers ProofofMemory-v0)
 
 POSITIONAL_ENCODINGS = ("absolute", "learned", "none", "")
+"""The --trxl-positional-encoding choices: "none" is how users write it, "" how older checkpoints store it."""
+
+
+def encoding_of(name):
+    """The encoding a flag value means: "absolute", "learned", or "" for none."""
+    return "" if name == "none" else name
+
+
 DEFAULT_EPISODE_LIMIT = 1024
 """The episode limit T of envs that have none (the Endless ids): it sizes the positional encoding."""
 
@@ -446,7 +454,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.max_episode_steps = max_episode_steps
-        self.positional_encoding = "" if positional_encoding == "none" else positional_encoding
+        self.positional_encoding = encoding_of(positional_encoding)
         if self.positional_encoding == "absolute":
             self.pos_embedding = PositionalEncoding(dim, max_episode_steps)
         elif self.positional_encoding == "learned":
@@ -815,10 +823,8 @@ def parse_args():
             f"the checkpoint took {checkpoint['global_step'] // checkpoint['iteration']} steps an iteration: resume with the "
             "same --num-envs x --num-steps (x torchrun ranks) so that the run ends at its --total-timesteps"
         )
-    encodings = (args.trxl_positional_encoding, checkpoint["args"]["trxl_positional_encoding"])
-    if len({"" if encoding == "none" else encoding for encoding in encodings}) > 1 or (args.reconstruction_coef > 0) != (
-        checkpoint["args"]["reconstruction_coef"] > 0
-    ):
+    same_encoding = encoding_of(args.trxl_positional_encoding) == encoding_of(checkpoint["args"]["trxl_positional_encoding"])
+    if not same_encoding or (args.reconstruction_coef > 0) != (checkpoint["args"]["reconstruction_coef"] > 0):
         fail("the positional encoding or the reconstruction head differs from the checkpoint's: resume with the same model")
     return args, {**checkpoint, "path": path}
 
