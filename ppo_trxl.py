@@ -100,7 +100,7 @@ class Args:
     gae_lambda: float = 0.95
     """the lambda for the general advantage estimation"""
     num_minibatches: int = 8
-    """the number of mini-batches (each holds whole env timelines, or equal chunks of them)"""
+    """the number of mini-batches (each holds a chunk of num_steps / num_minibatches steps of every env)"""
     update_epochs: int = 3
     """the K epochs to update the policy"""
     norm_adv: bool = False
@@ -174,11 +174,10 @@ def check_args(args):
     """Rejects flag combinations that cannot work, before any env is created or file written."""
     if min(args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) < 1:
         fail("--num-envs, --num-steps, --num-minibatches and --update-epochs must all be at least 1")
-    time_chunks = args.num_minibatches // math.gcd(args.num_envs, args.num_minibatches)
-    if args.num_steps % time_chunks:
+    if args.num_steps % args.num_minibatches:
         fail(
-            f"--num-minibatches {args.num_minibatches} cannot cut {args.num_envs} envs x {args.num_steps} steps into "
-            f"equal blocks: make it divide --num-envs, or make --num-steps divisible by {time_chunks}"
+            f"--num-minibatches {args.num_minibatches} does not divide --num-steps {args.num_steps}: every minibatch "
+            "holds an equal share of every env's steps, so choose a divisor of --num-steps"
         )
     if args.num_iterations < 1:
         fail(
@@ -373,13 +372,6 @@ def band_mask(query_positions, episode_steps, num_slots, memory_length):
     ages = query_positions.unsqueeze(-1) - torch.arange(num_slots, device=query_positions.device)
     width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
     return (ages >= 1) & (ages <= width)
-
-
-def query_chunk(num_queries, context):
-    """The length of the chunks into which evaluate cuts a block's steps: the smallest divisor of
-    num_queries that is at least half the context, so that each chunk attends to few slots outside
-    its bands while the windows of neighbouring chunks overlap little."""
-    return next(size for size in range(1, num_queries + 1) if num_queries % size == 0 and 2 * size >= context)
 
 
 class PositionalEncoding(nn.Module):
@@ -594,31 +586,24 @@ class Agent(nn.Module):
         return action, log_probs, entropy, value, new_memory
 
     def forward(self, obs, actions, memory, steps, memory_length):
-        """The update's pass over a block of G envs x Q consecutive steps, with the C = memory_length - 1
-        slots before them: obs (G, Q, *obs_shape), actions (G, Q, branches), memory (G, C+Q, L, D) the
-        cached layer inputs and steps (G, C+Q) their episode steps.
+        """The update's pass over G chunks of Q consecutive steps, each with the C = memory_length - 1 slots
+        before it: obs (G, Q, *obs_shape), actions (G, Q, branches), memory (G, C+Q, L, D) the cached layer
+        inputs and steps (G, C+Q) their episode steps. Each slot is normalised once, and every step attends
+        to its band inside its chunk's window:
 
-        Each slot is normalised once. The Q steps are then cut into chunks of q steps; chunk k attends to
-        the C + q slots that end with its own, a window that holds the bands of all its steps:
-
-            slots    [0 .................................................. C + Q)
-            chunk 0  [0 ....... C + q)
-            chunk 1           [q ....... C + 2q)          (band masks inside each window)
+            slots    [0 ........ C) [C ........ C+Q)
+            step C+i        [band]   ^ the step's own slot
 
         Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
         """
-        context, num_queries = memory_length - 1, obs.shape[1]
-        chunk = query_chunk(num_queries, context)
-        windows = [
-            slots.unfold(2, context + chunk, chunk).permute(0, 2, 1, 4, 3).flatten(0, 1)  # (G*Q/q, H, C+q, h)
-            for slots in self.transformer.normalise_memory(memory, steps)
-        ]
-        episode_steps = steps[:, context:].reshape(-1, chunk)  # (G*Q/q, q)
-        positions = torch.arange(context, context + chunk, device=obs.device).expand_as(episode_steps)
-        allowed = band_mask(positions, episode_steps, context + chunk, memory_length)
+        context, num_slots = memory_length - 1, steps.shape[1]
+        slots = self.transformer.normalise_memory(memory, steps)  # [(G, H, C+Q, h)] * L
+        episode_steps = steps[:, context:]  # (G, Q)
+        positions = torch.arange(context, num_slots, device=obs.device).expand_as(episode_steps)
+        allowed = band_mask(positions, episode_steps, num_slots, memory_length)  # (G, Q, C+Q)
         fresh_slots = self.transformer.fresh_slots(memory_length, obs.device)
-        x = self.encode(obs.flatten(0, 1)).view(-1, chunk, self.transformer_dim)
-        out, _, _ = self.transformer(x, windows, allowed, fresh_slots)
+        x = self.encode(obs.flatten(0, 1)).view(*episode_steps.shape, self.transformer_dim)
+        out, _, _ = self.transformer(x, slots, allowed, fresh_slots)
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
         return log_probs, entropy, value, hidden
 
@@ -746,27 +731,25 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
 
 
 def minibatches(num_envs, num_steps, num_minibatches, device):
-    """Cuts the batch into num_minibatches blocks of a random group of envs x a chunk of their steps.
-
-    Blocks are whole env timelines when num_minibatches divides num_envs; otherwise the steps are cut
-    into equal chunks too. Yields (env indices (G,), first step, end step) in random order.
-    """
-    env_groups = math.gcd(num_envs, num_minibatches)
-    chunk = num_steps // (num_minibatches // env_groups)
-    groups = torch.randperm(num_envs, device=device).view(env_groups, -1)
-    blocks = [(group, start) for group in groups for start in range(0, num_steps, chunk)]
-    for i in torch.randperm(len(blocks)).tolist():
-        group, start = blocks[i]
-        yield group, start, start + chunk
+    """Cuts every env's steps into num_minibatches chunks of consecutive steps and deals them at random:
+    every minibatch holds one chunk of every env, each env's from its own random place in the rollout.
+    Yields each minibatch as an index into the (E, S) rollout buffers: env rows (E, 1) and steps (E, S/n)."""
+    share = num_steps // num_minibatches
+    chunks = torch.rand(num_envs, num_minibatches, device=device).argsort(dim=1)  # (E, n): env e's chunk in minibatch k
+    rows = torch.arange(num_envs, device=device).unsqueeze(1)
+    offsets = torch.arange(share, device=device)
+    for k in range(num_minibatches):
+        yield rows, chunks[:, k : k + 1] * share + offsets
 
 
-def evaluate(agent, timeline, env_indices, start, end, obs, actions):
-    """The update's pass over one block: steps [start, end) of the envs env_indices (G,), whose bands
-    reach the slots [start, C + end) of the timeline. agent may be wrapped in DistributedDataParallel.
-    obs (G, end - start, *obs_shape), actions (G, end - start, branches)."""
-    memory = timeline.memory[env_indices, start : timeline.context + end].float()  # (G, C+Q, L, D)
-    steps = timeline.steps[env_indices, start : timeline.context + end]  # (G, C+Q)
-    return agent(obs, actions, memory, steps, timeline.memory_length)
+def evaluate(agent, timeline, chunks, obs, actions):
+    """The update's pass over chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps, whose
+    bands reach the timeline slots [first step, C + last step]. agent may be wrapped in DistributedDataParallel.
+    obs (G, Q, *obs_shape), actions (G, Q, branches)."""
+    rows, steps = chunks
+    slots = steps[:, :1] + torch.arange(timeline.context + steps.shape[1], device=steps.device)  # (G, C+Q)
+    memory = timeline.memory[rows, slots].float()  # (G, C+Q, L, D)
+    return agent(obs, actions, memory, timeline.steps[rows, slots], timeline.memory_length)
 
 
 def save_atomically(obj, path):
@@ -1025,16 +1008,13 @@ if __name__ == "__main__":
         )
         returns = advantages + rollout.values
 
-        # Update: every minibatch is a block of whole env timelines (or equal chunks of them)
+        # Update: every minibatch holds a chunk of every env's steps, drawn at random
         stats = []
         for epoch in range(args.update_epochs):
-            for mb_envs, start, end in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
-                mb = (mb_envs, slice(start, end))
-                mb_obs = rollout.obs[mb]  # (G, Q, *obs_shape)
-                newlogprob, entropy, newvalue, hidden = evaluate(
-                    learner, rollout.timeline, mb_envs, start, end, mb_obs, rollout.actions[mb]
-                )
-                mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (G*Q, branches)
+            for mb in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
+                mb_obs = rollout.obs[mb]  # (E, Q, *obs_shape)
+                newlogprob, entropy, newvalue, hidden = evaluate(learner, rollout.timeline, mb, mb_obs, rollout.actions[mb])
+                mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (E*Q, branches)
                 mb_advantages = advantages[mb].flatten()
                 mb_returns = returns[mb].flatten()
                 mb_values = rollout.values[mb].flatten()

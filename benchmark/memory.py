@@ -9,7 +9,7 @@ It takes the trainer's flags, with the default Endless config as defaults (Endle
 spaces and the episode limit, as in training. Everything runs on the CPU in a few seconds:
 1. The rollout's buffers: the trainer's own Rollout, built on the meta device (shapes and dtypes, no data),
    and the model's parameters, gradients and AdamW state.
-2. One minibatch: the first block that ppo_trxl.minibatches yields, evaluated by ppo_trxl.evaluate on random
+2. One minibatch: the first one that ppo_trxl.minibatches yields, evaluated by ppo_trxl.evaluate on random
    observations and memory (one episode long enough to fill every window), then backpropagated.
    - attention inputs: captured by hooks on the transformer and its attention modules;
    - saved activations: every tensor that autograd saves for the backward pass, counted once per storage,
@@ -173,21 +173,18 @@ def main():
         ]
     )
 
-    # One real block of the update: a rollout of the block's envs only, every slot in one long episode
-    env_indices, start, end = next(ppo_trxl.minibatches(E, S, args.num_minibatches, torch.device("cpu")))
-    block_envs = len(env_indices)
-    block_rollout = ppo_trxl.Rollout(
-        dataclasses.replace(args, num_envs=block_envs), observation_space, len(branches), memory_length, "cpu"
-    )
-    timeline = block_rollout.timeline
+    # One real minibatch of the update, on random observations and memory: every slot in one long episode
+    mb = next(ppo_trxl.minibatches(E, S, args.num_minibatches, torch.device("cpu")))
+    queries = mb[1].shape[1]
+    memory_dtype = getattr(torch, args.memory_dtype)
+    timeline = ppo_trxl.Timeline(E, S, memory_length, L, args.trxl_num_heads, D, memory_dtype, "cpu")
     timeline.memory.copy_(torch.randn(timeline.memory.shape))
     timeline.steps.copy_(limit + torch.arange(timeline.steps.shape[1]))
-    block = (slice(None), slice(start, end))
-    if block_rollout.obs.dtype == torch.uint8:
-        obs = torch.randint(0, 256, block_rollout.obs[block].shape, dtype=torch.uint8)
+    if rollout.obs.dtype == torch.uint8:
+        obs = torch.randint(0, 256, (E, queries) + observation_space.shape, dtype=torch.uint8)
     else:
-        obs = torch.rand(block_rollout.obs[block].shape) * 2 - 1
-    actions = torch.stack([torch.randint(0, n, (block_envs, end - start)) for n in branches], dim=-1)
+        obs = torch.rand((E, queries) + observation_space.shape) * 2 - 1
+    actions = torch.stack([torch.randint(0, n, (E, queries)) for n in branches], dim=-1)
 
     attention = {}
     agent.transformer.register_forward_pre_hook(lambda _, inputs: attention.update(slots=inputs[1], allowed=inputs[2]))
@@ -196,11 +193,10 @@ def main():
             lambda _, inputs, outputs, i=i: attention.update({"mask": inputs[2], f"weights {i}": outputs[1]})
         )
     saved = SavedTensors(agent)
-    block_env_indices = torch.arange(block_envs)
     forward_backward = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            log_probs, entropy, value, hidden = ppo_trxl.evaluate(agent, timeline, block_env_indices, start, end, obs, actions)
+            log_probs, entropy, value, hidden = ppo_trxl.evaluate(agent, timeline, mb, obs, actions)
             loss = log_probs.sum() + entropy.sum() + value.sum()
             if args.reconstruction_coef > 0:
                 target = obs.flatten(0, 1).float() / 255.0
@@ -208,10 +204,9 @@ def main():
         loss.backward()
     forward_backward = time.perf_counter() - forward_backward
 
-    queries, slots = end - start, timeline.context + end - start
     print(
-        f"\nOne minibatch: {block_envs} envs x steps [{start}, {end}) = {block_envs * queries} samples, "
-        f"each attending to a band of the block's {slots} timeline slots"
+        f"\nOne minibatch: a chunk of {queries} consecutive steps of each of the {E} envs = {E * queries} samples, "
+        f"each attending to a band of its chunk's window of {timeline.context + queries} timeline slots"
     )
     weights = attention["weights 0"]
     rows = [

@@ -1,8 +1,11 @@
 """Steps per second and peak memory of ppo_trxl.py on named configurations, beside the earlier implementation.
 
-    python benchmark/throughput.py                          # every configuration, 4 iterations each, CPU
+    python benchmark/throughput.py                          # every configuration but endless, 4 iterations, CPU
     python benchmark/throughput.py pom minigrid --iterations 6
     python benchmark/throughput.py minigrid --cuda          # on the GPU, with its peak memory
+    python benchmark/throughput.py endless --cuda --iterations 2   # the full default Endless config
+
+`endless` (32 envs x 512 steps, memory 256: 16,384 steps an iteration) runs only when named.
 
 Each configuration runs the real trainer for a fixed number of iterations in its own child process, in a
 scratch folder (its tensorboard logs are thrown away).
@@ -61,6 +64,8 @@ class Config:
     description: str
     earlier_sps: float | None
     """the earlier implementation's steps per second on a 2-core CPU (REFERENCE.md section 5)"""
+    by_default: bool = True
+    """whether a run that names no config runs this one"""
 
 
 CONFIGS = {
@@ -77,6 +82,13 @@ CONFIGS = {
         ("--num-envs", "4", "--num-steps", "128", "--num-minibatches", "4"),
         "Endless-MortarMayhem-v0, default model, memory 256, 4 envs x 128 steps, 4 minibatches",
         None,
+    ),
+    "endless": Config(
+        "Endless-MortarMayhem-v0",
+        (),
+        "Endless-MortarMayhem-v0, default config: 32 envs x 512 steps, 8 minibatches, memory 256",
+        None,
+        by_default=False,
     ),
 }
 
@@ -137,7 +149,7 @@ def steps_per_second(iterations):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="*", help=f"which of {', '.join(CONFIGS)} (default: all)")
+    parser.add_argument("configs", nargs="*", help=f"which of {', '.join(CONFIGS)} (default: all but endless)")
     parser.add_argument("--iterations", type=int, default=4, help="training iterations per configuration (at least 2)")
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (the trainer's --cuda)")
     args = parser.parse_args()
@@ -146,7 +158,7 @@ def main():
     unknown = [name for name in args.configs if name not in CONFIGS]
     if unknown:
         parser.error(f"unknown config {', '.join(unknown)}: choose from {', '.join(CONFIGS)}")
-    names = args.configs or list(CONFIGS)
+    names = args.configs or [name for name, config in CONFIGS.items() if config.by_default]
 
     device = "cuda" if args.cuda else "cpu"
     if args.cuda and not torch.cuda.is_available():

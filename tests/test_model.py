@@ -82,7 +82,11 @@ def test_trainer_paths_replay_the_golden_episode(golden):
     torch.testing.assert_close(timeline.memory[0, context:], episode["final_episode_memory"], **TOLERANCE)
 
     log_probs, entropy, value, _ = ppo_trxl.evaluate(
-        agent, timeline, torch.tensor([0]), 0, length, episode["obs"].unsqueeze(0), episode["actions"].unsqueeze(0)
+        agent,
+        timeline,
+        (torch.tensor([[0]]), torch.arange(length).unsqueeze(0)),
+        episode["obs"][None],
+        episode["actions"][None],
     )
     torch.testing.assert_close(log_probs, expected["log_probs"], **TOLERANCE)
     torch.testing.assert_close(entropy, expected["entropy"], **TOLERANCE)
@@ -96,9 +100,10 @@ def published_window(timeline, env, slot, t, memory_length):
     zeros; the mask allows the steps before t, whose memory stands t - step slots before this one.
     """
     first = 0 if t < memory_length else t - memory_length + 1
-    memory = torch.zeros((memory_length,) + timeline.memory.shape[2:])
-    indices = torch.arange(first, first + memory_length)
-    mask = torch.zeros(memory_length)
+    device = timeline.memory.device
+    memory = torch.zeros((memory_length,) + timeline.memory.shape[2:], device=device)
+    indices = torch.arange(first, first + memory_length, device=device)
+    mask = torch.zeros(memory_length, device=device)
     for i, step in enumerate(indices.tolist()):
         if step < t:
             memory[i] = timeline.memory[env, slot - (t - step)].float()
@@ -113,8 +118,22 @@ CONFIGS = {
 }
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def full_float32():
+    """GPUs run convolutions in TF32 by default, whose rounding depends on the batch size; the bookkeeping
+    is checked in full float32."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-def test_update_sees_what_the_rollout_saw(config):
+def test_update_sees_what_the_rollout_saw(config, device, full_float32):
     """Before any gradient step, the update's log-probs and values equal the rollout's for every sample,
     and both equal the published model given the window the published rule builds step by step."""
     torch.manual_seed(0)
@@ -124,11 +143,11 @@ def test_update_sees_what_the_rollout_saw(config):
     args = ppo_trxl.Args(**{**small, **config})
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = ppo_trxl.make_envs(args, "test", seed=3)
     memory_length = min(args.trxl_memory_length, max_episode_steps)
-    agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps)
-    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, "cpu")
+    agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, device)
     timeline, context = rollout.timeline, rollout.timeline.context
-    next_obs = torch.as_tensor(next_obs)
-    next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long)
+    next_obs = torch.as_tensor(next_obs, device=device)
+    next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long, device=device)
 
     seen = dict(first_step=0, reaches_back=0, full_window=0)
     for _ in range(3):
@@ -136,13 +155,15 @@ def test_update_sees_what_the_rollout_saw(config):
             agent, envs, rollout, next_obs, next_episode_steps
         )
         with torch.no_grad():
-            for env_indices, start, end in [(torch.arange(args.num_envs), 0, args.num_steps), (torch.tensor([2, 0]), 8, 20)]:
-                block = (env_indices, slice(start, end))
-                log_probs, _, value, _ = ppo_trxl.evaluate(
-                    agent, timeline, env_indices, start, end, rollout.obs[block], rollout.actions[block]
-                )
-                torch.testing.assert_close(log_probs, rollout.logprobs[block].flatten(0, 1), **TOLERANCE)
-                torch.testing.assert_close(value, rollout.values[block].flatten(), **TOLERANCE)
+            steps = torch.arange(args.num_steps, device=device).expand(args.num_envs, -1)
+            whole_rollout = (torch.arange(args.num_envs, device=device).unsqueeze(1), steps)
+            covered = torch.zeros(args.num_envs, args.num_steps, dtype=torch.long, device=device)
+            for mb in [whole_rollout, *ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, device)]:
+                covered[mb] += 1
+                log_probs, _, value, _ = ppo_trxl.evaluate(agent, timeline, mb, rollout.obs[mb], rollout.actions[mb])
+                torch.testing.assert_close(log_probs, rollout.logprobs[mb].flatten(0, 1), **TOLERANCE)
+                torch.testing.assert_close(value, rollout.values[mb].flatten(), **TOLERANCE)
+            assert (covered == 2).all(), "the minibatches deal every step exactly once"
 
             for env in range(args.num_envs):
                 for s in range(args.num_steps + 1):
@@ -167,3 +188,17 @@ def test_update_sees_what_the_rollout_saw(config):
                     seen["reaches_back"] += s < min(t, context)
                     seen["full_window"] += t >= memory_length
     assert all(count > 0 for count in seen.values()), seen
+
+
+def test_minibatches_deal_a_random_chunk_of_every_env():
+    torch.manual_seed(0)
+    num_envs, num_steps, num_minibatches = 16, 64, 8
+    share = num_steps // num_minibatches
+    chunk_of = []  # per minibatch: which chunk of its rollout every env gives
+    for rows, steps in ppo_trxl.minibatches(num_envs, num_steps, num_minibatches, "cpu"):
+        assert rows.flatten().tolist() == list(range(num_envs)) and steps.shape == (num_envs, share)
+        assert (steps.diff(dim=1) == 1).all() and (steps[:, 0] % share == 0).all()
+        chunk_of.append(steps[:, 0] // share)
+    chunk_of = torch.stack(chunk_of)  # (minibatches, E)
+    assert (chunk_of.sort(dim=0).values == torch.arange(num_minibatches).unsqueeze(1)).all()
+    assert len({tuple(column) for column in chunk_of.T.tolist()}) > 1, "every env dealt its chunks in the same order"
