@@ -393,8 +393,10 @@ class MultiHeadAttention(nn.Module):
     """Every head projects its slice of width h = D / H with the same weights; scores are scaled by sqrt(D).
 
     The key and value projections are linear maps without bias, so they can leave the memory slots:
-    a score q . keys(n) equals (q @ W_keys) . n, and a weighted sum of values(n) equals values of the
-    weighted sum of n. The memory is therefore only normalised, once per slot, and attended as it is.
+    a score queries(x) . keys(n) equals (x @ W_queries^T @ W_keys) . n, and a weighted sum of values(n)
+    equals values of the weighted sum of n. The memory is therefore only normalised, once per slot, and
+    attended as it is; the query and key maps (with the scale) and the value and output maps are each
+    combined into one matrix, so every sample goes through two projections instead of four.
     """
 
     def __init__(self, dim, num_heads):
@@ -414,14 +416,17 @@ class MultiHeadAttention(nn.Module):
         at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
         the mean of a fresh episode's window, whose slots hold zero memory.
         """
-        queries = self.queries(query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2))  # (N, H, S, h)
-        scores = (queries @ self.keys.weight @ slots.transpose(-2, -1)).add_(mask).div_(self.dim**0.5)
+        query_to_slot = self.queries.weight.T @ self.keys.weight / self.dim**0.5  # (h, h)
+        heads = query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (N, H, S, h)
+        scores = (heads @ query_to_slot @ slots.transpose(-2, -1)).add_(mask)
         weights = torch.softmax(scores, dim=-1)  # (N, H, S, P)
         attended = (weights @ slots).transpose(1, 2)  # (N, S, H, h)
         if fresh is not None:
             has_slot, fresh_slot = fresh
             attended = torch.where(has_slot, attended, fresh_slot)
-        return self.fc_out(self.values(attended).flatten(-2)), weights
+        # fc_out of every head's values: block k of its (D, D) weight is W_fc_out[:, block k] @ W_values
+        slot_to_out = (self.fc_out.weight.unflatten(1, (self.num_heads, -1)) @ self.values.weight).flatten(1)
+        return F.linear(attended.flatten(-2), slot_to_out, self.fc_out.bias), weights
 
 
 class TransformerLayer(nn.Module):
