@@ -246,6 +246,14 @@ def test_throughput_builds_the_documented_commands():
     flags = flag_values(throughput.trainer_flags(throughput.CONFIGS["mmgrid"], 2, cuda=True))
     assert (flags["--num-envs"], flags["--num-steps"], flags["--num-minibatches"], flags["--cuda"]) == ("8", "128", "4", True)
     assert flags["--total-timesteps"] == str(2 * 8 * 128)
+    # the full default Endless config runs only when named: 32 envs x 512 steps an iteration
+    flags = flag_values(throughput.trainer_flags(throughput.CONFIGS["endless"], 2, cuda=True))
+    assert (flags["--env-id"], flags["--trxl-memory-length"], flags["--total-timesteps"]) == (
+        "Endless-MortarMayhem-v0",
+        "256",
+        str(2 * 32 * 512),
+    )
+    assert not throughput.CONFIGS["endless"].by_default
     # 1,000 steps a second after the first iteration, whatever the first one took
     assert throughput.steps_per_second([(10.0, 100, 5), (11.0, 1100, 90), (13.0, 3100, 200)]) == 1000
 
