@@ -23,6 +23,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from collections import deque
@@ -31,18 +32,24 @@ from typing import Optional
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
-import cv2
-import gymnasium as gym
-import memory_gym  # noqa: F401  (registers the Memory Gym ids)
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-import tyro
-from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
+try:
+    import cv2
+    import gymnasium as gym
+    import memory_gym  # noqa: F401  (registers the Memory Gym ids)
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import tyro
+    from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.tensorboard import SummaryWriter
+except ModuleNotFoundError as missing:
+    raise SystemExit(
+        f"error: the package {missing.name} is not installed for {sys.executable}: "
+        "install the requirements (pip install -r requirements/requirements.txt, see README.md) or use their environment"
+    )
 
 import pom_env  # noqa: F401  (registers ProofofMemory-v0)
 

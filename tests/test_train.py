@@ -621,3 +621,13 @@ def test_documented_pom_config_learns(train, seed):
     r_mean = run.scalars()["episode/r_mean"]
     print(f"seed {seed}: final episode/r_mean {r_mean[-1][1]:.3f} at step {r_mean[-1][0]}")
     assert r_mean[-1][1] >= 1.1, r_mean[-5:]
+
+
+def test_missing_package_is_a_one_line_error():
+    """A Python without the requirements gets one line that names the package and the fix, not a traceback."""
+    blocked = "import runpy, sys; sys.modules['cv2'] = None; sys.argv = ['ppo_trxl.py', '--help']; runpy.run_path('ppo_trxl.py', run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the package cv2 is not installed"), result.stderr
+    assert "requirements/requirements.txt" in lines[0]
