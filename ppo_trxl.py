@@ -15,6 +15,7 @@ the bias-free key and value projections move onto the queries and the attended s
 a chunk of an env's steps are one matrix product with a band mask. No window is copied per sample.
 """
 
+import ctypes
 import dataclasses
 import glob
 import hashlib
@@ -415,15 +416,22 @@ class MultiHeadAttention(nn.Module):
         self.queries = nn.Linear(head_size, head_size, bias=False)
         self.fc_out = nn.Linear(dim, dim)
 
-    def forward(self, query, slots, mask, fresh=None):
+    def combined_maps(self):
+        """query_to_slot (h, h): W_queries^T W_keys / sqrt(D); slot_to_out (D, D): fc_out of every head's values,
+        whose block k is W_fc_out[:, block k] @ W_values."""
+        query_to_slot = self.queries.weight.T @ self.keys.weight / self.dim**0.5
+        slot_to_out = (self.fc_out.weight.unflatten(1, (self.num_heads, -1)) @ self.values.weight).flatten(1)
+        return query_to_slot, slot_to_out
+
+    def forward(self, query, slots, mask, maps, fresh=None):
         """query (N, S, D) normalised; slots (N, H, P, h) the normalised memory split into heads;
-        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not.
+        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; maps: combined_maps().
 
         A query without any allowed slot attends uniformly over all P slots, as the published model does
         at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
         the mean of a fresh episode's window, whose slots hold zero memory.
         """
-        query_to_slot = self.queries.weight.T @ self.keys.weight / self.dim**0.5  # (h, h)
+        query_to_slot, slot_to_out = maps
         heads = query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (N, H, S, h)
         scores = (heads @ query_to_slot @ slots.transpose(-2, -1)).add_(mask)
         weights = torch.softmax(scores, dim=-1)  # (N, H, S, P)
@@ -431,8 +439,6 @@ class MultiHeadAttention(nn.Module):
         if fresh is not None:
             has_slot, fresh_slot = fresh
             attended = torch.where(has_slot, attended, fresh_slot)
-        # fc_out of every head's values: block k of its (D, D) weight is W_fc_out[:, block k] @ W_values
-        slot_to_out = (self.fc_out.weight.unflatten(1, (self.num_heads, -1)) @ self.values.weight).flatten(1)
         return F.linear(attended.flatten(-2), slot_to_out, self.fc_out.bias), weights
 
 
@@ -447,8 +453,8 @@ class TransformerLayer(nn.Module):
         self.layer_norm_attn = nn.LayerNorm(dim)
         self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
 
-    def forward(self, x, slots, mask, fresh=None):
-        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, fresh)
+    def forward(self, x, slots, mask, maps, fresh=None):
+        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, maps, fresh)
         x = x + attended
         return x + self.fc_projection(self.layer_norm_attn(x)), weights
 
@@ -472,43 +478,53 @@ class Transformer(nn.Module):
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
     def normalise_memory(self, memory, steps):
-        """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> [(N, H, P, h)] * L, what each
-        layer attends to: norm_kv of the memory plus the positional encoding of its slot's episode step."""
+        """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> (L, N, H, P, h), what each layer
+        attends to: its norm_kv of the memory plus the positional encoding of the slot's episode step.
+
+        The layers normalise alike before their own scale and shift, so all layers are normalised at once."""
         if self.positional_encoding:
             memory = memory + self.positions(steps).unsqueeze(-2)
-        return [
-            layer.norm_kv(memory[:, :, i]).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-            for i, layer in enumerate(self.transformer_layers)
-        ]
+        norms = [layer.norm_kv for layer in self.transformer_layers]
+        scale, shift = torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms])  # (L, D)
+        normalised = torch.addcmul(shift, F.layer_norm(memory, memory.shape[-1:], eps=norms[0].eps), scale)
+        return normalised.unflatten(-1, (self.num_heads, -1)).permute(2, 0, 3, 1, 4)
 
-    def fresh_slots(self, memory_length, device):
+    def fresh_slots(self, memory_length):
         """(L, H, h): each layer's mean normalised slot over the window of a fresh episode (zero memory).
 
-        The slots differ only in their positional encoding, and every layer normalises it alike before
-        its own scale and shift, so the mean is taken once.
-        """
+        The slots differ only in their positional encoding, so the mean is taken once before each layer's
+        scale and shift."""
         layers = self.transformer_layers
-        window = torch.zeros(memory_length, layers[0].norm_kv.normalized_shape[0], device=device)  # (M, D)
+        norm = layers[0].norm_kv
+        window = torch.zeros(memory_length, norm.normalized_shape[0], device=norm.weight.device)  # (M, D)
         if self.positional_encoding:
-            window = self.positions(torch.arange(memory_length, device=device))
-        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=layers[0].norm_kv.eps).mean(0)  # (D,)
+            window = self.positions(torch.arange(memory_length, device=norm.weight.device))
+        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=norm.eps).mean(0)  # (D,)
         return torch.stack(
             [torch.addcmul(layer.norm_kv.bias, mean_normalised, layer.norm_kv.weight) for layer in layers]
         ).unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, x, slots, allowed, fresh_slots=None):
-        """x (N, S, D) queries; slots [(N, H, P, h)] * L normalised memory; allowed (N, S, P) bool;
-        fresh_slots (L, H, h) for the queries that may attend no slot (the first step of an episode).
+    def derive(self, memory_length=None):
+        """What the attention derives from the parameters alone, to compute once per set of parameters (every
+        minibatch of the update, once per rollout): every layer's combined_maps() and, given memory_length,
+        the fresh_slots (without it, a query that may attend no slot attends uniformly, as published)."""
+        maps = [layer.attention.combined_maps() for layer in self.transformer_layers]
+        return maps, None if memory_length is None else self.fresh_slots(memory_length)
+
+    def forward(self, x, slots, allowed, derived):
+        """x (N, S, D) queries; slots (L, N, H, P, h) normalised memory; allowed (N, S, P) bool; derived: derive().
 
         Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
         and every layer's attention weights [(N, H, S, P)] * L.
         """
-        mask = torch.zeros(allowed.shape, device=x.device).masked_fill_(~allowed, -1e20).unsqueeze(1)
+        maps, fresh_slots = derived
+        mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
         has_slot = allowed.any(-1)[..., None, None]
         layer_inputs, weights = [], []
-        for i, layer in enumerate(self.transformer_layers):
+        for i, (layer, layer_slots) in enumerate(zip(self.transformer_layers, slots.unbind(0))):
             layer_inputs.append(x.detach())
-            x, layer_weights = layer(x, slots[i], mask, None if fresh_slots is None else (has_slot, fresh_slots[i]))
+            fresh = None if fresh_slots is None else (has_slot, fresh_slots[i])
+            x, layer_weights = layer(x, layer_slots, mask, maps[i], fresh)
             weights.append(layer_weights)
         return x, torch.stack(layer_inputs, dim=-2), weights
 
@@ -522,15 +538,17 @@ class Agent(nn.Module):
         if len(self.obs_shape) > 1:
             self.encoder = nn.Sequential(
                 layer_init(nn.Conv2d(3, 32, 8, stride=4)),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
                 layer_init(nn.Conv2d(32, 64, 4, stride=2)),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
                 layer_init(nn.Conv2d(64, 64, 3, stride=1)),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
                 nn.Flatten(),
                 layer_init(nn.Linear(64 * 7 * 7, dim)),
-                nn.ReLU(),
+                nn.ReLU(inplace=True),
             )
+            # the images arrive channels-last (see encode): kernels in that layout are not reordered on every call
+            self.encoder.to(memory_format=torch.channels_last)
         else:
             self.encoder = layer_init(nn.Linear(self.obs_shape[0], dim))
         self.transformer = Transformer(
@@ -553,9 +571,9 @@ class Agent(nn.Module):
             )
 
     def encode(self, obs):
-        # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D)
+        # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D); an image's (B, 3, 84, 84) view is channels-last
         if len(self.obs_shape) > 1:
-            obs = obs.permute(0, 3, 1, 2) / 255.0
+            obs = obs.permute(0, 3, 1, 2).float().div_(255.0)
         return self.encoder(obs)
 
     def policy_and_value(self, trxl_out, action=None):
@@ -586,7 +604,8 @@ class Agent(nn.Module):
         weights over the window [(B, H, M)] * L.
         """
         slots = self.transformer.normalise_memory(memory, memory_indices)
-        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, memory_mask.bool().unsqueeze(1))
+        allowed = memory_mask.bool().unsqueeze(1)
+        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, allowed, self.transformer.derive())
         return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
 
     def get_value(self, x, memory, memory_mask, memory_indices):
@@ -609,13 +628,12 @@ class Agent(nn.Module):
         Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
         """
         context, num_slots = memory_length - 1, steps.shape[1]
-        slots = self.transformer.normalise_memory(memory, steps)  # [(G, H, C+Q, h)] * L
+        slots = self.transformer.normalise_memory(memory, steps)  # (L, G, H, C+Q, h)
         episode_steps = steps[:, context:]  # (G, Q)
         positions = torch.arange(context, num_slots, device=obs.device).expand_as(episode_steps)
         allowed = band_mask(positions, episode_steps, num_slots, memory_length)  # (G, Q, C+Q)
-        fresh_slots = self.transformer.fresh_slots(memory_length, obs.device)
         x = self.encode(obs.flatten(0, 1)).view(*episode_steps.shape, self.transformer_dim)
-        out, _, _ = self.transformer(x, slots, allowed, fresh_slots)
+        out, _, _ = self.transformer(x, slots, allowed, self.transformer.derive(memory_length))
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
         return log_probs, entropy, value, hidden
 
@@ -648,20 +666,19 @@ class Timeline:
     @torch.inference_mode()
     def normalise(self, transformer, slots):
         """Normalises the slots (a slice) for the rollout."""
-        normalised = transformer.normalise_memory(self.memory[:, slots].float(), self.steps[:, slots])
-        self.normalised[..., slots, :] = torch.stack(normalised)
+        self.normalised[..., slots, :] = transformer.normalise_memory(self.memory[:, slots].float(), self.steps[:, slots])
 
 
 @torch.inference_mode()
-def rollout_step(agent, timeline, fresh_slots, obs, episode_steps, s):
+def rollout_step(agent, timeline, derived, obs, episode_steps, s):
     """The policy at rollout step s for all envs: each env attends to its band just before slot C + s,
-    whose slots the timeline has normalised. Returns action, log-probs, value, and every layer's input
-    (E, L, D) to cache at slot C + s."""
+    whose slots the timeline has normalised; derived: the transformer's derive(memory_length).
+    Returns action, log-probs, value, and every layer's input (E, L, D) to cache at slot C + s."""
     context = timeline.context
     window = timeline.normalised[..., s : s + context, :]  # (L, E, H, C, h); the query sits at slot C
     positions = torch.full_like(episode_steps, context).unsqueeze(1)
     allowed = band_mask(positions, episode_steps.unsqueeze(1), context, timeline.memory_length)  # (E, 1, C)
-    out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, fresh_slots)
+    out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, derived)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
     return action, log_probs, value, layer_inputs.squeeze(1)
 
@@ -698,12 +715,12 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps):
     timeline.carry_over()
     timeline.normalise(agent.transformer, slice(0, context))  # the carried-over slots, with the current parameters
     with torch.inference_mode():
-        fresh_slots = agent.transformer.fresh_slots(timeline.memory_length, device)
+        derived = agent.transformer.derive(timeline.memory_length)  # the parameters stay fixed during the rollout
     finished_episodes = []
     for s in range(rollout.obs.shape[1]):
         rollout.obs[:, s] = next_obs
         timeline.steps[:, context + s] = next_episode_steps
-        action, logprob, value, layer_inputs = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, s)
+        action, logprob, value, layer_inputs = rollout_step(agent, timeline, derived, next_obs, next_episode_steps, s)
         rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
         timeline.memory[:, context + s] = layer_inputs
         timeline.normalise(agent.transformer, slice(context + s, context + s + 1))
@@ -718,7 +735,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps):
             finished_episodes.extend(zip(*(infos["episode"][key][finished].tolist() for key in ("r", "l", "t"))))
 
     # The bootstrap value follows the same band rule as every rollout step
-    _, _, next_value, _ = rollout_step(agent, timeline, fresh_slots, next_obs, next_episode_steps, rollout.obs.shape[1])
+    _, _, next_value, _ = rollout_step(agent, timeline, derived, next_obs, next_episode_steps, rollout.obs.shape[1])
     return next_obs, next_episode_steps, next_value, finished_episodes
 
 
@@ -728,16 +745,15 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
     dones[:, s] marks that obs s begins a new episode (the step before it ended one).
     Returns advantages (E, S).
     """
-    num_steps = rewards.shape[1]
+    # whether the episode goes on after each step, and the value of the obs that follows it: (E, S)
+    next_nonterminal = 1.0 - torch.cat([dones[:, 1:], next_done.unsqueeze(1)], dim=1).float()
+    next_values = torch.cat([values[:, 1:], next_value.unsqueeze(1)], dim=1)
+    deltas = rewards + gamma * next_values * next_nonterminal - values
+    decays = gamma * gae_lambda * next_nonterminal
     advantages = torch.zeros_like(rewards)
     last_gae = torch.zeros_like(next_value)
-    for s in reversed(range(num_steps)):
-        if s == num_steps - 1:
-            next_nonterminal, next_values = 1.0 - next_done.float(), next_value
-        else:
-            next_nonterminal, next_values = 1.0 - dones[:, s + 1].float(), values[:, s + 1]
-        delta = rewards[:, s] + gamma * next_values * next_nonterminal - values[:, s]
-        last_gae = delta + gamma * gae_lambda * next_nonterminal * last_gae
+    for s in reversed(range(rewards.shape[1])):
+        last_gae = torch.addcmul(deltas[:, s], decays[:, s], last_gae)
         advantages[:, s] = last_gae
     return advantages
 
@@ -919,6 +935,20 @@ def parameters_digest(agent):
     return digest.hexdigest()[:16]
 
 
+def keep_freed_memory():
+    """Lets glibc's malloc keep freed blocks of up to 64 MiB for reuse instead of handing them back to the system.
+
+    Otherwise every large tensor, such as a minibatch's image activations, gets fresh pages from the system and
+    pays a page fault for each on first write: about a tenth of the time of an image update on a 2-core CPU.
+    Does nothing where malloc is not glibc's.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # a trim threshold alone would switch off malloc's adaptive mmap threshold, so it follows a granted one
+    if mallopt and (mallopt(M_MMAP_THRESHOLD, 64 << 20) or mallopt(M_MMAP_THRESHOLD, 32 << 20)):
+        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 def linear_schedule(initial, final, anneal_steps, step):
     return initial + (final - initial) * min(step / anneal_steps, 1.0)
 
@@ -931,6 +961,7 @@ def format_duration(seconds):
 if __name__ == "__main__":
     args, checkpoint = parse_args()
     check_args(args)
+    keep_freed_memory()
     find_env_spec(args.env_id)
     rank, device = init_distributed(args)
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -66,13 +66,13 @@ def test_trainer_paths_replay_the_golden_episode(golden):
         1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_num_heads, args.trxl_dim, torch.float32, "cpu"
     )
     context, memory_length = timeline.context, timeline.memory_length
-    fresh_slots = agent.transformer.fresh_slots(memory_length, "cpu")
+    derived = agent.transformer.derive(memory_length)
     values = []
     for t in range(length):
         episode_steps = torch.tensor([t])
         timeline.steps[:, context + t] = episode_steps
         _, _, value, layer_inputs = ppo_trxl.rollout_step(
-            agent, timeline, fresh_slots, episode["obs"][t : t + 1], episode_steps, t
+            agent, timeline, derived, episode["obs"][t : t + 1], episode_steps, t
         )
         timeline.memory[:, context + t] = layer_inputs
         timeline.normalise(agent.transformer, slice(context + t, context + t + 1))
