@@ -20,12 +20,17 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional
 
-import cv2
-import numpy as np
-import torch
-import tyro
-from huggingface_hub import constants, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+try:
+    import cv2
+    import numpy as np
+    import torch
+    import tyro
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+except ModuleNotFoundError as missing:
+    from ppo_trxl import missing_package  # which stops with the same one line should ppo_trxl miss a package too
+
+    missing_package(missing)
 
 from ppo_trxl import (
     POSITIONAL_ENCODINGS,

@@ -33,6 +33,15 @@ from typing import Optional
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
+
+def missing_package(error):
+    """Stops with one line that names the package that a ModuleNotFoundError misses and how to install it."""
+    raise SystemExit(
+        f"error: the package {error.name} is not installed for {sys.executable}: "
+        "install the requirements (pip install -r requirements/requirements.txt, see README.md) or use their environment"
+    )
+
+
 try:
     import cv2
     import gymnasium as gym
@@ -47,10 +56,7 @@ try:
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
 except ModuleNotFoundError as missing:
-    raise SystemExit(
-        f"error: the package {missing.name} is not installed for {sys.executable}: "
-        "install the requirements (pip install -r requirements/requirements.txt, see README.md) or use their environment"
-    )
+    missing_package(missing)
 
 import pom_env  # noqa: F401  (registers ProofofMemory-v0)
 

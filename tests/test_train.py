@@ -623,11 +623,15 @@ def test_documented_pom_config_learns(train, seed):
     assert r_mean[-1][1] >= 1.1, r_mean[-5:]
 
 
-def test_missing_package_is_a_one_line_error():
+@pytest.mark.parametrize("script, package", [("ppo_trxl.py", "cv2"), ("enjoy.py", "cv2"), ("enjoy.py", "huggingface_hub")])
+def test_missing_package_is_a_one_line_error(script, package):
     """A Python without the requirements gets one line that names the package and the fix, not a traceback."""
-    blocked = "import runpy, sys; sys.modules['cv2'] = None; sys.argv = ['ppo_trxl.py', '--help']; runpy.run_path('ppo_trxl.py', run_name='__main__')"
+    blocked = (
+        f"import runpy, sys; sys.modules[{package!r}] = None; sys.argv = [{script!r}, '--help']; "
+        f"runpy.run_path({script!r}, run_name='__main__')"
+    )
     result = subprocess.run([sys.executable, "-c", blocked], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: the package cv2 is not installed"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: the package {package} is not installed"), result.stderr
     assert "requirements/requirements.txt" in lines[0]
