@@ -483,32 +483,31 @@ class Transformer(nn.Module):
             return self.pos_embedding(steps)
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
+    def kv_norms(self):
+        """Every layer's norm_kv scale and shift, stacked (L, D), and their common eps: the layers normalise
+        their memory alike before their own scale and shift, so all layers are normalised at once."""
+        norms = [layer.norm_kv for layer in self.transformer_layers]
+        return torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]), norms[0].eps
+
     def normalise_memory(self, memory, steps):
         """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> (L, N, H, P, h), what each layer
-        attends to: its norm_kv of the memory plus the positional encoding of the slot's episode step.
-
-        The layers normalise alike before their own scale and shift, so all layers are normalised at once."""
+        attends to: its norm_kv of the memory plus the positional encoding of the slot's episode step."""
         if self.positional_encoding:
             memory = memory + self.positions(steps).unsqueeze(-2)
-        norms = [layer.norm_kv for layer in self.transformer_layers]
-        scale, shift = torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms])  # (L, D)
-        normalised = torch.addcmul(shift, F.layer_norm(memory, memory.shape[-1:], eps=norms[0].eps), scale)
+        scale, shift, eps = self.kv_norms()
+        normalised = torch.addcmul(shift, F.layer_norm(memory, memory.shape[-1:], eps=eps), scale)
         return normalised.unflatten(-1, (self.num_heads, -1)).permute(2, 0, 3, 1, 4)
 
     def fresh_slots(self, memory_length):
         """(L, H, h): each layer's mean normalised slot over the window of a fresh episode (zero memory).
 
-        The slots differ only in their positional encoding, so the mean is taken once before each layer's
-        scale and shift."""
-        layers = self.transformer_layers
-        norm = layers[0].norm_kv
-        window = torch.zeros(memory_length, norm.normalized_shape[0], device=norm.weight.device)  # (M, D)
+        The slots differ only in their positional encoding, so the mean is taken before the scale and shift."""
+        scale, shift, eps = self.kv_norms()
+        window = torch.zeros(memory_length, scale.shape[-1], device=scale.device)  # (M, D)
         if self.positional_encoding:
-            window = self.positions(torch.arange(memory_length, device=norm.weight.device))
-        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=norm.eps).mean(0)  # (D,)
-        return torch.stack(
-            [torch.addcmul(layer.norm_kv.bias, mean_normalised, layer.norm_kv.weight) for layer in layers]
-        ).unflatten(-1, (self.num_heads, -1))
+            window = self.positions(torch.arange(memory_length, device=scale.device))
+        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=eps).mean(0)  # (D,)
+        return torch.addcmul(shift, mean_normalised, scale).unflatten(-1, (self.num_heads, -1))
 
     def derive(self, memory_length=None):
         """What the attention derives from the parameters alone, to compute once per set of parameters (every
