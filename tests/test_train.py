@@ -6,6 +6,7 @@ Every run works in its own temporary folder, so `runs/`, `videos/` and `wandb/` 
 import importlib
 import math
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -635,3 +636,29 @@ def test_missing_package_is_a_one_line_error(script, package):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: the package {package} is not installed"), result.stderr
     assert "requirements/requirements.txt" in lines[0]
+
+
+FAULTS_PER_ALLOCATION = """
+import resource, torch, ppo_trxl
+
+def faults_per_allocation():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        torch.empty(10 << 20).fill_(1.0)  # 40 MiB, above glibc's largest adaptive mmap threshold
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+
+default = faults_per_allocation()
+ppo_trxl.keep_freed_memory()
+print(default, faults_per_allocation())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc")
+def test_freed_memory_is_reused():
+    """After keep_freed_memory, a large freed tensor's pages serve the next one instead of faulting in afresh."""
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_ALLOCATION], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    default, kept = map(float, result.stdout.split())
+    assert default > 5000, "a fresh 40 MiB block faults in its 10,240 pages"
+    assert kept < default / 5, (default, kept)
