@@ -994,6 +994,11 @@ if __name__ == "__main__":
     if checkpoint:
         agent.load_state_dict(checkpoint["model_weights"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        # fused AdamW needs every state in its parameter's memory layout (the encoder's kernels are channels-last)
+        for param, state in optimizer.state.items():
+            state.update(
+                {name: torch.empty_like(param).copy_(value) for name, value in state.items() if value.shape == param.shape}
+            )
         if rank == 0:
             restore_rng(checkpoint["rng"])
     # Under torchrun the update goes through DistributedDataParallel, which starts every rank from rank 0's

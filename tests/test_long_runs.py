@@ -207,6 +207,28 @@ def test_resume_with_another_batch_size_keeps_the_step_budget(killed, start, tmp
     assert run.iterations()[-1][2:] == (total, total), run.stdout
 
 
+def test_resume_lays_the_adamw_state_out_like_the_parameters(start, tmp_path_factory):
+    """The encoder's kernels are channels-last, and fused AdamW mixes up the elements of a state whose memory layout
+    differs from its parameter's. A checkpoint whose state is contiguous resumes exactly like one whose state is not."""
+    finished = start(tiny("MortarMayhem-Grid-v0", total_timesteps=3 * BATCH, checkpoint_interval=1), "image-run").finish()
+    second = checkpoints(finished.check().run_dir)[1]
+    contiguous = torch.load(second, map_location="cpu", weights_only=True)
+    states = contiguous["optimizer"]["state"].values()
+    assert any(not state["exp_avg"].is_contiguous() for state in states), "some state is channels-last"
+    for state in states:
+        state.update({name: value.contiguous() for name, value in state.items()})
+    weights = {}
+    for name in ("as-saved", "contiguous"):
+        cwd = copy_run(finished, tmp_path_factory, name)
+        checkpoint = cwd / second.relative_to(finished.cwd)
+        if name == "contiguous":
+            torch.save(contiguous, checkpoint)
+        start(["--resume", str(checkpoint.relative_to(cwd))], cwd).finish().check()
+        weights[name] = load_checkpoint(checkpoints(checkpoint.parent.parent)[-1])["model_weights"]
+    for key, value in weights["as-saved"].items():
+        assert torch.equal(value, weights["contiguous"][key]), key
+
+
 # 2. SIGTERM and SIGINT: finish the iteration, write a checkpoint, say how to resume
 
 SIGNAL_ITERATIONS = 12
