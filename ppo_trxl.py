@@ -29,7 +29,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
@@ -465,6 +465,20 @@ class TransformerLayer(nn.Module):
         return x + self.fc_projection(self.layer_norm_attn(x)), weights
 
 
+class Derived(NamedTuple):
+    """What the attention derives from the parameters alone, computed once per set of parameters: once per
+    rollout, and once per minibatch of the update (see Transformer.derive)."""
+
+    maps: list
+    """every layer's combined_maps()"""
+    kv_scale: torch.Tensor
+    """(L, D) every layer's norm_kv weight"""
+    kv_shift: torch.Tensor
+    """(L, D) every layer's norm_kv bias"""
+    fresh_slots: Optional[torch.Tensor]
+    """(L, H, h) every layer's mean normalised slot of a fresh episode, or None"""
+
+
 class Transformer(nn.Module):
     def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding):
         super().__init__()
@@ -483,38 +497,41 @@ class Transformer(nn.Module):
             return self.pos_embedding(steps)
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
-    def kv_norms(self):
-        """Every layer's norm_kv scale and shift, stacked (L, D), and their common eps: the layers normalise
-        their memory alike before their own scale and shift, so all layers are normalised at once."""
-        norms = [layer.norm_kv for layer in self.transformer_layers]
-        return torch.stack([norm.weight for norm in norms]), torch.stack([norm.bias for norm in norms]), norms[0].eps
-
-    def normalise_memory(self, memory, steps):
+    def normalise_memory(self, memory, steps, derived):
         """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> (L, N, H, P, h), what each layer
-        attends to: its norm_kv of the memory plus the positional encoding of the slot's episode step."""
+        attends to: its norm_kv of the memory plus the positional encoding of the slot's episode step.
+
+        The layers normalise alike before their own scale and shift (derived), so all layers are normalised at once."""
         if self.positional_encoding:
             memory = memory + self.positions(steps).unsqueeze(-2)
-        scale, shift, eps = self.kv_norms()
-        normalised = torch.addcmul(shift, F.layer_norm(memory, memory.shape[-1:], eps=eps), scale)
+        normalised = torch.addcmul(
+            derived.kv_shift, F.layer_norm(memory, memory.shape[-1:], eps=self.kv_eps), derived.kv_scale
+        )
         return normalised.unflatten(-1, (self.num_heads, -1)).permute(2, 0, 3, 1, 4)
 
-    def fresh_slots(self, memory_length):
+    @property
+    def kv_eps(self):
+        """the eps of every layer's norm_kv (LayerNorm's default, the same for all)"""
+        return self.transformer_layers[0].norm_kv.eps
+
+    def fresh_slots(self, memory_length, kv_scale, kv_shift):
         """(L, H, h): each layer's mean normalised slot over the window of a fresh episode (zero memory).
 
         The slots differ only in their positional encoding, so the mean is taken before the scale and shift."""
-        scale, shift, eps = self.kv_norms()
-        window = torch.zeros(memory_length, scale.shape[-1], device=scale.device)  # (M, D)
+        window = torch.zeros(memory_length, kv_scale.shape[-1], device=kv_scale.device)  # (M, D)
         if self.positional_encoding:
-            window = self.positions(torch.arange(memory_length, device=scale.device))
-        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=eps).mean(0)  # (D,)
-        return torch.addcmul(shift, mean_normalised, scale).unflatten(-1, (self.num_heads, -1))
+            window = self.positions(torch.arange(memory_length, device=kv_scale.device))
+        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=self.kv_eps).mean(0)  # (D,)
+        return torch.addcmul(kv_shift, mean_normalised, kv_scale).unflatten(-1, (self.num_heads, -1))
 
     def derive(self, memory_length=None):
-        """What the attention derives from the parameters alone, to compute once per set of parameters (every
-        minibatch of the update, once per rollout): every layer's combined_maps() and, given memory_length,
-        the fresh_slots (without it, a query that may attend no slot attends uniformly, as published)."""
+        """The Derived of the current parameters; without memory_length no fresh slots (a query that may attend
+        no slot then attends uniformly, as published)."""
         maps = [layer.attention.combined_maps() for layer in self.transformer_layers]
-        return maps, None if memory_length is None else self.fresh_slots(memory_length)
+        kv_scale = torch.stack([layer.norm_kv.weight for layer in self.transformer_layers])
+        kv_shift = torch.stack([layer.norm_kv.bias for layer in self.transformer_layers])
+        fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, kv_scale, kv_shift)
+        return Derived(maps, kv_scale, kv_shift, fresh_slots)
 
     def forward(self, x, slots, allowed, derived):
         """x (N, S, D) queries; slots (L, N, H, P, h) normalised memory; allowed (N, S, P) bool; derived: derive().
@@ -522,14 +539,13 @@ class Transformer(nn.Module):
         Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
         and every layer's attention weights [(N, H, S, P)] * L.
         """
-        maps, fresh_slots = derived
         mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
         has_slot = allowed.any(-1)[..., None, None]
         layer_inputs, weights = [], []
         for i, (layer, layer_slots) in enumerate(zip(self.transformer_layers, slots.unbind(0))):
             layer_inputs.append(x.detach())
-            fresh = None if fresh_slots is None else (has_slot, fresh_slots[i])
-            x, layer_weights = layer(x, layer_slots, mask, maps[i], fresh)
+            fresh = None if derived.fresh_slots is None else (has_slot, derived.fresh_slots[i])
+            x, layer_weights = layer(x, layer_slots, mask, derived.maps[i], fresh)
             weights.append(layer_weights)
         return x, torch.stack(layer_inputs, dim=-2), weights
 
@@ -608,9 +624,10 @@ class Agent(nn.Module):
         Returns the transformer output (B, D), the new memory (B, L, D) and every layer's attention
         weights over the window [(B, H, M)] * L.
         """
-        slots = self.transformer.normalise_memory(memory, memory_indices)
+        derived = self.transformer.derive()
+        slots = self.transformer.normalise_memory(memory, memory_indices, derived)
         allowed = memory_mask.bool().unsqueeze(1)
-        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, allowed, self.transformer.derive())
+        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, allowed, derived)
         return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
 
     def get_value(self, x, memory, memory_mask, memory_indices):
@@ -633,12 +650,13 @@ class Agent(nn.Module):
         Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
         """
         context, num_slots = memory_length - 1, steps.shape[1]
-        slots = self.transformer.normalise_memory(memory, steps)  # (L, G, H, C+Q, h)
+        derived = self.transformer.derive(memory_length)
+        slots = self.transformer.normalise_memory(memory, steps, derived)  # (L, G, H, C+Q, h)
         episode_steps = steps[:, context:]  # (G, Q)
         positions = torch.arange(context, num_slots, device=obs.device).expand_as(episode_steps)
         allowed = band_mask(positions, episode_steps, num_slots, memory_length)  # (G, Q, C+Q)
         x = self.encode(obs.flatten(0, 1)).view(*episode_steps.shape, self.transformer_dim)
-        out, _, _ = self.transformer(x, slots, allowed, self.transformer.derive(memory_length))
+        out, _, _ = self.transformer(x, slots, allowed, derived)
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
         return log_probs, entropy, value, hidden
 
@@ -669,9 +687,10 @@ class Timeline:
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
 
     @torch.inference_mode()
-    def normalise(self, transformer, slots):
-        """Normalises the slots (a slice) for the rollout."""
-        self.normalised[..., slots, :] = transformer.normalise_memory(self.memory[:, slots].float(), self.steps[:, slots])
+    def normalise(self, transformer, derived, slots):
+        """Normalises the slots (a slice) for the rollout; derived: the transformer's derive() for the rollout."""
+        memory, steps = self.memory[:, slots].float(), self.steps[:, slots]
+        self.normalised[..., slots, :] = transformer.normalise_memory(memory, steps, derived)
 
 
 @torch.inference_mode()
@@ -718,9 +737,9 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps):
     timeline, context = rollout.timeline, rollout.timeline.context
     device = next_obs.device
     timeline.carry_over()
-    timeline.normalise(agent.transformer, slice(0, context))  # the carried-over slots, with the current parameters
     with torch.inference_mode():
         derived = agent.transformer.derive(timeline.memory_length)  # the parameters stay fixed during the rollout
+    timeline.normalise(agent.transformer, derived, slice(0, context))  # the carried-over slots, with these parameters
     finished_episodes = []
     for s in range(rollout.obs.shape[1]):
         rollout.obs[:, s] = next_obs
@@ -728,7 +747,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps):
         action, logprob, value, layer_inputs = rollout_step(agent, timeline, derived, next_obs, next_episode_steps, s)
         rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
         timeline.memory[:, context + s] = layer_inputs
-        timeline.normalise(agent.transformer, slice(context + s, context + s + 1))
+        timeline.normalise(agent.transformer, derived, slice(context + s, context + s + 1))
 
         next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy().reshape(envs.action_space.shape))
         rollout.rewards[:, s] = torch.as_tensor(reward, dtype=torch.float32, device=device)

@@ -75,7 +75,7 @@ def test_trainer_paths_replay_the_golden_episode(golden):
             agent, timeline, derived, episode["obs"][t : t + 1], episode_steps, t
         )
         timeline.memory[:, context + t] = layer_inputs
-        timeline.normalise(agent.transformer, slice(context + t, context + t + 1))
+        timeline.normalise(agent.transformer, derived, slice(context + t, context + t + 1))
         values.append(value)
     expected = episode["per_step_outputs"]
     torch.testing.assert_close(torch.cat(values), expected["value"], **TOLERANCE)
