@@ -415,23 +415,27 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, dim, num_heads):
         super().__init__()
-        self.dim, self.num_heads = dim, num_heads
+        self.num_heads = num_heads
         head_size = dim // num_heads
         self.values = nn.Linear(head_size, head_size, bias=False)
         self.keys = nn.Linear(head_size, head_size, bias=False)
         self.queries = nn.Linear(head_size, head_size, bias=False)
         self.fc_out = nn.Linear(dim, dim)
 
-    def combined_maps(self):
-        """query_to_slot (h, h): W_queries^T W_keys / sqrt(D); slot_to_out (D, D): fc_out of every head's values,
-        whose block k is W_fc_out[:, block k] @ W_values."""
-        query_to_slot = self.queries.weight.T @ self.keys.weight / self.dim**0.5
-        slot_to_out = (self.fc_out.weight.unflatten(1, (self.num_heads, -1)) @ self.values.weight).flatten(1)
+    @staticmethod
+    def combined_maps(queries, keys, values, fc_out):
+        """The combined maps of L layers from their stacked weights: queries, keys, values (L, h, h), fc_out (L, D, D).
+
+        query_to_slot (L, h, h): W_queries^T W_keys / sqrt(D); slot_to_out (L, D, D): fc_out of every head's
+        values, whose block k is W_fc_out[:, block k] @ W_values."""
+        num_layers, dim, head_size = values.shape[0], fc_out.shape[-1], values.shape[-1]
+        query_to_slot = queries.transpose(-2, -1) @ keys / dim**0.5
+        slot_to_out = (fc_out.view(num_layers, -1, head_size) @ values).view(num_layers, dim, dim)
         return query_to_slot, slot_to_out
 
     def forward(self, query, slots, mask, maps, fresh=None):
         """query (N, S, D) normalised; slots (N, H, P, h) the normalised memory split into heads;
-        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; maps: combined_maps().
+        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; maps: this layer's combined maps.
 
         A query without any allowed slot attends uniformly over all P slots, as the published model does
         at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
@@ -469,8 +473,10 @@ class Derived(NamedTuple):
     """What the attention derives from the parameters alone, computed once per set of parameters: once per
     rollout, and once per minibatch of the update (see Transformer.derive)."""
 
-    maps: list
-    """every layer's combined_maps()"""
+    query_to_slot: torch.Tensor
+    """(L, h, h) every layer's combined query and key map (MultiHeadAttention.combined_maps)"""
+    slot_to_out: torch.Tensor
+    """(L, D, D) every layer's combined value and output map"""
     kv_scale: torch.Tensor
     """(L, D) every layer's norm_kv weight"""
     kv_shift: torch.Tensor
@@ -517,21 +523,32 @@ class Transformer(nn.Module):
     def fresh_slots(self, memory_length, kv_scale, kv_shift):
         """(L, H, h): each layer's mean normalised slot over the window of a fresh episode (zero memory).
 
-        The slots differ only in their positional encoding, so the mean is taken before the scale and shift."""
-        window = torch.zeros(memory_length, kv_scale.shape[-1], device=kv_scale.device)  # (M, D)
-        if self.positional_encoding:
-            window = self.positions(torch.arange(memory_length, device=kv_scale.device))
+        The slots differ only in their positional encoding, so the mean is taken before the scale and shift.
+        Without an encoding they are all zero, normalised to zero: the mean is the shift."""
+        if not self.positional_encoding:
+            return kv_shift.unflatten(-1, (self.num_heads, -1))
+        window = self.positions(torch.arange(memory_length, device=kv_scale.device))  # (M, D)
         mean_normalised = F.layer_norm(window, window.shape[-1:], eps=self.kv_eps).mean(0)  # (D,)
         return torch.addcmul(kv_shift, mean_normalised, kv_scale).unflatten(-1, (self.num_heads, -1))
 
     def derive(self, memory_length=None):
         """The Derived of the current parameters; without memory_length no fresh slots (a query that may attend
-        no slot then attends uniformly, as published)."""
-        maps = [layer.attention.combined_maps() for layer in self.transformer_layers]
-        kv_scale = torch.stack([layer.norm_kv.weight for layer in self.transformer_layers])
-        kv_shift = torch.stack([layer.norm_kv.bias for layer in self.transformer_layers])
+        no slot then attends uniformly, as published). Every kind of weight is stacked over the layers, so that
+        all layers are derived by the same few operations."""
+
+        def stacked(weight_of):
+            return torch.stack([weight_of(layer) for layer in self.transformer_layers])
+
+        query_to_slot, slot_to_out = MultiHeadAttention.combined_maps(
+            stacked(lambda layer: layer.attention.queries.weight),
+            stacked(lambda layer: layer.attention.keys.weight),
+            stacked(lambda layer: layer.attention.values.weight),
+            stacked(lambda layer: layer.attention.fc_out.weight),
+        )
+        kv_scale = stacked(lambda layer: layer.norm_kv.weight)
+        kv_shift = stacked(lambda layer: layer.norm_kv.bias)
         fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, kv_scale, kv_shift)
-        return Derived(maps, kv_scale, kv_shift, fresh_slots)
+        return Derived(query_to_slot, slot_to_out, kv_scale, kv_shift, fresh_slots)
 
     def forward(self, x, slots, allowed, derived):
         """x (N, S, D) queries; slots (L, N, H, P, h) normalised memory; allowed (N, S, P) bool; derived: derive().
@@ -541,11 +558,13 @@ class Transformer(nn.Module):
         """
         mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
         has_slot = allowed.any(-1)[..., None, None]
+        maps = zip(derived.query_to_slot.unbind(0), derived.slot_to_out.unbind(0))
+        fresh_slots = [None] * len(slots) if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
         layer_inputs, weights = [], []
-        for i, (layer, layer_slots) in enumerate(zip(self.transformer_layers, slots.unbind(0))):
+        for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, slots.unbind(0), maps, fresh_slots):
             layer_inputs.append(x.detach())
-            fresh = None if derived.fresh_slots is None else (has_slot, derived.fresh_slots[i])
-            x, layer_weights = layer(x, layer_slots, mask, derived.maps[i], fresh)
+            fresh = None if fresh_slot is None else (has_slot, fresh_slot)
+            x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh)
             weights.append(layer_weights)
         return x, torch.stack(layer_inputs, dim=-2), weights
 
