@@ -207,28 +207,6 @@ def test_resume_with_another_batch_size_keeps_the_step_budget(killed, start, tmp
     assert run.iterations()[-1][2:] == (total, total), run.stdout
 
 
-def test_resume_lays_the_adamw_state_out_like_the_parameters(start, tmp_path_factory):
-    """The encoder's kernels are channels-last, and fused AdamW mixes up the elements of a state whose memory layout
-    differs from its parameter's. A checkpoint whose state is contiguous resumes exactly like one whose state is not."""
-    finished = start(tiny("MortarMayhem-Grid-v0", total_timesteps=3 * BATCH, checkpoint_interval=1), "image-run").finish()
-    second = checkpoints(finished.check().run_dir)[1]
-    contiguous = torch.load(second, map_location="cpu", weights_only=True)
-    states = contiguous["optimizer"]["state"].values()
-    assert any(not state["exp_avg"].is_contiguous() for state in states), "some state is channels-last"
-    for state in states:
-        state.update({name: value.contiguous() for name, value in state.items()})
-    weights = {}
-    for name in ("as-saved", "contiguous"):
-        cwd = copy_run(finished, tmp_path_factory, name)
-        checkpoint = cwd / second.relative_to(finished.cwd)
-        if name == "contiguous":
-            torch.save(contiguous, checkpoint)
-        start(["--resume", str(checkpoint.relative_to(cwd))], cwd).finish().check()
-        weights[name] = load_checkpoint(checkpoints(checkpoint.parent.parent)[-1])["model_weights"]
-    for key, value in weights["as-saved"].items():
-        assert torch.equal(value, weights["contiguous"][key]), key
-
-
 # 2. SIGTERM and SIGINT: finish the iteration, write a checkpoint, say how to resume
 
 SIGNAL_ITERATIONS = 12
@@ -366,6 +344,17 @@ def copied_run(cwd, source):
     return f"runs/{source.run_dir.name}"
 
 
+def per_parameter_optimizer_state(cwd, source):
+    """The run's newest checkpoint with an AdamW state of one entry per parameter, as a trainer that keeps them apart writes."""
+    run = copied_run(cwd, source)
+    newest = checkpoints(cwd / run)[-1]
+    checkpoint = torch.load(newest, weights_only=True)
+    checkpoint["optimizer"]["param_groups"][0]["params"] = list(range(len(checkpoint["model_weights"])))
+    checkpoint["optimizer"]["state"] = {}
+    torch.save(checkpoint, newest)
+    return ["--resume", run]
+
+
 BAD_INPUTS = {
     "resume-missing-path": (lambda cwd, _: ["--resume", "runs/no-such-run"], "no such checkpoint file or run directory"),
     "resume-run-without-checkpoints": (run_without_checkpoints, "no training checkpoint in runs/empty/checkpoints"),
@@ -382,6 +371,7 @@ BAD_INPUTS = {
         lambda cwd, source: ["--resume", copied_run(cwd, source), "--trxl-dim", "64"],
         "--trxl-dim 64 differs from the checkpoint's 32",
     ),
+    "resume-per-parameter-optimizer-state": (per_parameter_optimizer_state, "does not fit this ppo_trxl.py"),
     "resume-other-memory-length": (
         lambda cwd, source: ["--resume", copied_run(cwd, source), "--trxl-memory-length", "4"],
         "memory length 4 differs",

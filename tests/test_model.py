@@ -1,5 +1,6 @@
 """The model against the published one, and the trainer's bookkeeping: the update sees what the rollout saw."""
 
+import copy
 import types
 from pathlib import Path
 
@@ -204,3 +205,48 @@ def test_minibatches_deal_a_random_chunk_of_every_env():
     chunk_of = torch.stack(chunk_of)  # (minibatches, E)
     assert (chunk_of.sort(dim=0).values == torch.arange(num_minibatches).unsqueeze(1)).all()
     assert len({tuple(column) for column in chunk_of.T.tolist()}) > 1, "every env dealt its chunks in the same order"
+
+
+def test_flat_parameters_train_like_separate_ones():
+    """After flatten_parameters every parameter is a view of the flat one in its own memory layout (the image
+    encoder's kernels stay channels-last), backward fills the flat gradient, and an AdamW step on the flat
+    parameter moves every parameter as AdamW over the separate parameters does. The state_dict is unchanged."""
+    torch.manual_seed(0)
+    args = ppo_trxl.Args(trxl_dim=32, trxl_num_heads=2, trxl_num_layers=2, reconstruction_coef=0.1)
+    observation_space = gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)
+    separate = ppo_trxl.Agent(args, observation_space, (3, 2), 64)
+    flattened = copy.deepcopy(separate)
+    flat = ppo_trxl.flatten_parameters(flattened)
+    assert flat.numel() == sum(p.numel() for p in separate.parameters())
+    span = range(flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size())
+    for (name, p), q in zip(separate.named_parameters(), flattened.parameters()):
+        assert torch.equal(p, q) and p.stride() == q.stride(), name
+        assert q.data_ptr() in span, name
+    assert flattened.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+    # the update's pass over 2 chunks of 3 steps, each with the 4 slots before it
+    memory_length, chunks, steps = 5, 2, 3
+    obs = torch.randint(0, 256, (chunks, steps, 84, 84, 3), dtype=torch.uint8)
+    actions = torch.stack([torch.randint(0, 3, (chunks, steps)), torch.randint(0, 2, (chunks, steps))], -1)
+    memory = torch.randn(chunks, memory_length - 1 + steps, args.trxl_num_layers, args.trxl_dim)
+    episode_steps = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 0, 1, 2]])
+
+    def train_step(agent, parameters):
+        optimizer = torch.optim.AdamW(parameters, lr=1e-2, fused=True)
+        for _ in range(2):
+            log_probs, entropy, value, hidden = agent(obs, actions, memory, episode_steps, memory_length)
+            loss = log_probs.sum() + entropy.mean() + value.pow(2).mean() + agent.reconstruct_observation(hidden).mean()
+            for p in parameters:
+                p.grad = None if p is not flat else p.grad.zero_()
+            loss.backward()
+            optimizer.step()
+
+    train_step(separate, list(separate.parameters()))
+    train_step(flattened, [flat])
+    for (name, p), q in zip(separate.named_parameters(), flattened.parameters()):
+        assert q.data_ptr() in span and q.grad.data_ptr() in range(flat.grad.data_ptr(), flat.grad.data_ptr() + len(span))
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7, msg=name)
+    published = ppo_trxl.Agent(args, observation_space, (3, 2), 64)
+    published.load_state_dict(flattened.state_dict(), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(published.state_dict().values(), flattened.state_dict().values()))
