@@ -8,7 +8,7 @@ It takes the trainer's flags, with the default Endless config as defaults (Endle
 512 steps, 8 minibatches, dim 384, 3 layers, 4 heads, memory 256); the env gives the observation and action
 spaces and the episode limit, as in training. Everything runs on the CPU in a few seconds:
 1. The rollout's buffers: the trainer's own Rollout, built on the meta device (shapes and dtypes, no data),
-   and the model's parameters, gradients and AdamW state.
+   and the model's parameters, gradients and AdamW state (flat, as the trainer keeps them).
 2. One minibatch: the first one that ppo_trxl.minibatches yields, evaluated by ppo_trxl.evaluate on random
    observations and memory (one episode long enough to fill every window), then backpropagated.
    - attention inputs: captured by hooks on the transformer and its attention modules;
@@ -146,6 +146,7 @@ def main():
     print_rows(rows)
 
     agent = ppo_trxl.Agent(args, observation_space, branches, limit)
+    ppo_trxl.flatten_parameters(agent)  # as the trainer does: the gradients are allocated once, with the parameters
     parameter_bytes = sum(tensor_bytes(parameter) for parameter in agent.parameters())
     print(f"\nModel ({sum(parameter.numel() for parameter in agent.parameters()):,} parameters)")
     print_rows(
