@@ -254,6 +254,12 @@ def test_throughput_builds_the_documented_commands():
         str(2 * 32 * 512),
     )
     assert not throughput.CONFIGS["endless"].by_default
+    # Proof of Memory runs by default its whole documented budget: 12 iterations of 16 envs x 128 steps
+    pom = throughput.CONFIGS["pom"]
+    documented = flag_values(throughput.documented_flags(pom.env_id))
+    flags = flag_values(throughput.trainer_flags(pom, pom.iterations, cuda=False))
+    assert int(flags["--total-timesteps"]) == pom.iterations * 16 * 128 <= int(documented["--total-timesteps"])
+    assert (pom.iterations + 1) * 16 * 128 > int(documented["--total-timesteps"])
     # 1,000 steps a second after the first iteration, whatever the first one took
     assert throughput.steps_per_second([(10.0, 100, 5), (11.0, 1100, 90), (13.0, 3100, 200)]) == 1000
 
