@@ -433,19 +433,20 @@ class MultiHeadAttention(nn.Module):
         slot_to_out = (fc_out.view(num_layers, -1, head_size) @ values).view(num_layers, dim, dim)
         return query_to_slot, slot_to_out
 
-    def forward(self, query, slots, mask, maps, fresh=None):
+    def forward(self, query, slots, mask, maps, fresh=None, need_weights=False):
         """query (N, S, D) normalised; slots (N, H, P, h) the normalised memory split into heads;
         mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; maps: this layer's combined maps.
 
         A query without any allowed slot attends uniformly over all P slots, as the published model does
         at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
         the mean of a fresh episode's window, whose slots hold zero memory.
+        Returns the output (N, S, D) and, with need_weights, the attention weights (N, H, S, P), else None.
         """
         query_to_slot, slot_to_out = maps
-        heads = query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (N, H, S, h)
-        scores = (heads @ query_to_slot @ slots.transpose(-2, -1)).add_(mask)
-        weights = torch.softmax(scores, dim=-1)  # (N, H, S, P)
-        attended = (weights @ slots).transpose(1, 2)  # (N, S, H, h)
+        heads = query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) @ query_to_slot  # (N, H, S, h)
+        # softmax(heads @ slots^T + mask) @ slots in one fused operation, which keeps no (N, H, S, P) scores
+        attended = F.scaled_dot_product_attention(heads, slots, slots, attn_mask=mask, scale=1.0).transpose(1, 2)
+        weights = torch.softmax(heads @ slots.transpose(-2, -1) + mask, dim=-1) if need_weights else None
         if fresh is not None:
             has_slot, fresh_slot = fresh
             attended = torch.where(has_slot, attended, fresh_slot)
@@ -463,8 +464,8 @@ class TransformerLayer(nn.Module):
         self.layer_norm_attn = nn.LayerNorm(dim)
         self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
 
-    def forward(self, x, slots, mask, maps, fresh=None):
-        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, maps, fresh)
+    def forward(self, x, slots, mask, maps, fresh=None, need_weights=False):
+        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, maps, fresh, need_weights)
         x = x + attended
         return x + self.fc_projection(self.layer_norm_attn(x)), weights
 
@@ -550,11 +551,11 @@ class Transformer(nn.Module):
         fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, kv_scale, kv_shift)
         return Derived(query_to_slot, slot_to_out, kv_scale, kv_shift, fresh_slots)
 
-    def forward(self, x, slots, allowed, derived):
+    def forward(self, x, slots, allowed, derived, need_weights=False):
         """x (N, S, D) queries; slots (L, N, H, P, h) normalised memory; allowed (N, S, P) bool; derived: derive().
 
         Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
-        and every layer's attention weights [(N, H, S, P)] * L.
+        and with need_weights every layer's attention weights [(N, H, S, P)] * L (else [None] * L).
         """
         mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
         has_slot = allowed.any(-1)[..., None, None]
@@ -564,7 +565,7 @@ class Transformer(nn.Module):
         for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, slots.unbind(0), maps, fresh_slots):
             layer_inputs.append(x.detach())
             fresh = None if fresh_slot is None else (has_slot, fresh_slot)
-            x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh)
+            x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh, need_weights)
             weights.append(layer_weights)
         return x, torch.stack(layer_inputs, dim=-2), weights
 
@@ -646,7 +647,7 @@ class Agent(nn.Module):
         derived = self.transformer.derive()
         slots = self.transformer.normalise_memory(memory, memory_indices, derived)
         allowed = memory_mask.bool().unsqueeze(1)
-        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, allowed, derived)
+        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, allowed, derived, need_weights=True)
         return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
 
     def get_value(self, x, memory, memory_mask, memory_indices):

@@ -189,10 +189,9 @@ def main():
 
     attention = {}
     agent.transformer.register_forward_pre_hook(lambda _, inputs: attention.update(slots=inputs[1], allowed=inputs[2]))
-    for i, layer in enumerate(agent.transformer.transformer_layers):
-        layer.attention.register_forward_hook(
-            lambda _, inputs, outputs, i=i: attention.update({"mask": inputs[2], f"weights {i}": outputs[1]})
-        )
+    agent.transformer.transformer_layers[0].attention.register_forward_hook(
+        lambda _, inputs, outputs: attention.update(mask=inputs[2])
+    )
     saved = SavedTensors(agent)
     forward_backward = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -209,16 +208,13 @@ def main():
         f"\nOne minibatch: a chunk of {queries} consecutive steps of each of the {E} envs = {E * queries} samples, "
         f"each attending to a band of its chunk's window of {timeline.context + queries} timeline slots"
     )
-    weights = attention["weights 0"]
     rows = [
         (f"slots attended, layer {i}", layer_slots, tensor_bytes(layer_slots))
         for i, layer_slots in enumerate(attention["slots"])
     ]
     rows += [("band (allowed)", attention["allowed"], tensor_bytes(attention["allowed"]))]
     rows += [("mask (all layers)", attention["mask"], tensor_bytes(attention["mask"]))]
-    rows += [(f"attention weights, layer {i}", attention[f"weights {i}"], tensor_bytes(weights)) for i in range(L)]
-    rows += [("scores of the running layer", weights, tensor_bytes(weights))]
-    print("  attention inputs (a layer's scores live until its softmax has made the weights)")
+    print("  attention inputs (the fused attention keeps no scores or weights: backward recomputes them)")
     print_rows(rows)
     print("  saved activations (autograd's saved tensors, once per storage, without parameters)")
     print_rows([(module, "", num_bytes) for module, num_bytes in saved.by_module.items()])
