@@ -1006,7 +1006,8 @@ def flatten_parameters(module):
     becomes a view of its slice, in its own memory layout. The optimizer step, the gradient clipping and the zeroing
     of the gradients then take one operation each instead of one per parameter, which on a CPU cost more than the
     arithmetic of a small model. Backward accumulates into the views; zero the flat gradient in place (zero_grad
-    would drop it). Returns the flat parameter."""
+    would drop it). Call it once the model is complete and on its device: a parameter added or moved (.to) later
+    is not in the flat one. Returns the flat parameter."""
     parameters = list(module.parameters())
     flat = nn.Parameter(torch.zeros(sum(p.numel() for p in parameters), device=parameters[0].device))
     flat.grad = torch.zeros_like(flat)
