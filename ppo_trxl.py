@@ -1020,6 +1020,13 @@ def flatten_parameters(module):
     return flat
 
 
+def model_weights(agent):
+    """The agent's state_dict with every tensor copied into its own contiguous storage, as published files hold them.
+    In training the parameters are views of one flat tensor, which torch.save would write whole under every one of
+    them, and which tools such as safetensors refuse (tensors that share memory)."""
+    return {name: tensor.detach().clone(memory_format=torch.contiguous_format) for name, tensor in agent.state_dict().items()}
+
+
 def linear_schedule(initial, final, anneal_steps, step):
     return initial + (final - initial) * min(step / anneal_steps, 1.0)
 
@@ -1242,7 +1249,7 @@ if __name__ == "__main__":
                 last_checkpoint = save_checkpoint(
                     run_name,
                     args.keep_checkpoints,
-                    model_weights=agent.state_dict(),
+                    model_weights=model_weights(agent),
                     args=saved_args,
                     optimizer=optimizer.state_dict(),
                     global_step=global_step,
@@ -1266,7 +1273,7 @@ if __name__ == "__main__":
     if rank == 0:
         if args.save_model and not stopping:
             model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-            save_atomically({"model_weights": agent.state_dict(), "args": saved_args}, model_path)
+            save_atomically({"model_weights": model_weights(agent), "args": saved_args}, model_path)
             print(f"model saved to {model_path}")
         writer.close()
         if args.track:

@@ -367,6 +367,7 @@ def test_minigrid_memory(train):
     assert 0 < scalars["episode/l_mean"][-1][1] <= 96
     weights = run.checkpoint()["model_weights"]
     assert weights["encoder.0.weight"].shape == (32, 3, 8, 8)
+    assert weights["encoder.0.weight"].is_contiguous(), "saved in the published layout, not the training one"
     assert weights["actor_branches.0.weight"].shape == (7, 32)
 
 
@@ -402,6 +403,8 @@ def test_save_model_checkpoint(trxl, saved_model):
     assert (args["num_envs"], args["num_steps"], args["total_timesteps"]) == (2, 32, 128)
     assert args["trxl_positional_encoding"] == "absolute"
     assert args["reconstruction_coef"] == 0.0 and args["save_model"] is True
+    for name, tensor in checkpoint["model_weights"].items():  # each in its own storage, as published files hold them
+        assert tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes, name
 
     observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
     agent, branches = load_agent(trxl, checkpoint, observation_space, POM_LIMIT)
