@@ -374,16 +374,16 @@ def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
     return layer
 
 
-def band_mask(query_positions, episode_steps, num_slots, memory_length):
-    """Which timeline slots each query may attend: the same episode's last min(t, memory_length - 1) steps.
+def band_mask(ages, episode_steps, memory_length):
+    """Which slots each query may attend: the same episode's last min(t, memory_length - 1) steps.
 
-    query_positions, episode_steps (N, S) -> allowed (N, S, num_slots) bool. A query at timeline slot p
-    and episode step t sees the slots [p - w, p - 1], w = min(t, memory_length - 1):
+    ages (..., P): how many timeline slots each slot lies before its query; episode_steps (...): the queries'
+    episode steps t -> allowed (..., P) bool. A query at timeline slot p sees the slots [p - w, p - 1], the
+    ages 1 .. w, w = min(t, memory_length - 1):
 
         slot   . . . p-w . . . p-1  p  . . .
         seen         x  x  x  x     -
     """
-    ages = query_positions.unsqueeze(-1) - torch.arange(num_slots, device=query_positions.device)
     width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
     return (ages >= 1) & (ages <= width)
 
@@ -673,8 +673,9 @@ class Agent(nn.Module):
         derived = self.transformer.derive(memory_length)
         slots = self.transformer.normalise_memory(memory, steps, derived)  # (L, G, H, C+Q, h)
         episode_steps = steps[:, context:]  # (G, Q)
-        positions = torch.arange(context, num_slots, device=obs.device).expand_as(episode_steps)
-        allowed = band_mask(positions, episode_steps, num_slots, memory_length)  # (G, Q, C+Q)
+        positions = torch.arange(num_slots, device=obs.device)  # the chunk's steps sit at slots C .. C+Q-1
+        ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
+        allowed = band_mask(ages, episode_steps, memory_length)  # (G, Q, C+Q)
         x = self.encode(obs.flatten(0, 1)).view(*episode_steps.shape, self.transformer_dim)
         out, _, _ = self.transformer(x, slots, allowed, derived)
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
@@ -720,8 +721,8 @@ def rollout_step(agent, timeline, derived, obs, episode_steps, s):
     Returns action, log-probs, value, and every layer's input (E, L, D) to cache at slot C + s."""
     context = timeline.context
     window = timeline.normalised[..., s : s + context, :]  # (L, E, H, C, h); the query sits at slot C
-    positions = torch.full_like(episode_steps, context).unsqueeze(1)
-    allowed = band_mask(positions, episode_steps.unsqueeze(1), context, timeline.memory_length)  # (E, 1, C)
+    ages = torch.arange(context, 0, -1, device=episode_steps.device)  # (C,): the window's slots lie C .. 1 before it
+    allowed = band_mask(ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
     out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, derived)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
     return action, log_probs, value, layer_inputs.squeeze(1)
