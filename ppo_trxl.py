@@ -181,7 +181,19 @@ def world_size():
 
 def fail(message):
     """Stops the program with a one-line error that says what is wrong and how to fix it."""
+    if dist.is_available() and dist.is_initialized():
+        print(f"error: {message}", file=sys.stderr)
+        leave_process_group(1)
     raise SystemExit(f"error: {message}")
+
+
+def leave_process_group(exit_code):
+    """Ends a process of a distributed run without Python's shutdown. gloo's worker threads may still be releasing
+    the last collective's tensors, and a thread that needs Python while the interpreter shuts down aborts the
+    process (SIGABRT). Everything must be written before."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def check_args(args):
@@ -1206,6 +1218,8 @@ if __name__ == "__main__":
         ) = mean_over_ranks(iteration_stats).tolist()
         if not (math.isfinite(loss) and parameters.isfinite().all()):
             envs.close()
+            if rank == 0:
+                writer.close()  # the earlier iterations' logs
             fail(
                 f"the loss or the parameters became non-finite at iteration {iteration} (step {global_step}); "
                 f"nothing of it was saved. The last good checkpoint: {last_checkpoint or 'none (see --checkpoint-interval)'}"
@@ -1282,8 +1296,4 @@ if __name__ == "__main__":
     envs.close()
     if world_size() > 1:
         dist.destroy_process_group()
-        # gloo's worker threads may still be releasing the last collective's tensors, and a thread that needs
-        # Python while the interpreter shuts down aborts the process (SIGABRT); with all written, leave without that
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_process_group(0)
