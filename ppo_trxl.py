@@ -181,10 +181,11 @@ def world_size():
 
 def fail(message):
     """Stops the program with a one-line error that says what is wrong and how to fix it."""
+    line = f"error: {message}"
     if dist.is_available() and dist.is_initialized():
-        print(f"error: {message}", file=sys.stderr)
+        print(line, file=sys.stderr)
         leave_process_group(1)
-    raise SystemExit(f"error: {message}")
+    raise SystemExit(line)
 
 
 def leave_process_group(exit_code):
@@ -707,6 +708,8 @@ class Timeline:
     def __init__(self, num_envs, num_steps, memory_length, num_layers, num_heads, dim, dtype, device):
         self.context = memory_length - 1
         self.memory_length = memory_length
+        # (C,): how many slots each slot of a rollout step's window lies before the step (band_mask's ages)
+        self.window_ages = torch.arange(self.context, 0, -1, device=device)
         slots = self.context + num_steps
         self.memory = torch.zeros((num_envs, slots, num_layers, dim), dtype=dtype, device=device)  # (E, C+S, L, D)
         self.steps = torch.zeros((num_envs, slots), dtype=torch.long, device=device)  # (E, C+S) episode steps
@@ -733,8 +736,7 @@ def rollout_step(agent, timeline, derived, obs, episode_steps, s):
     Returns action, log-probs, value, and every layer's input (E, L, D) to cache at slot C + s."""
     context = timeline.context
     window = timeline.normalised[..., s : s + context, :]  # (L, E, H, C, h); the query sits at slot C
-    ages = torch.arange(context, 0, -1, device=episode_steps.device)  # (C,): the window's slots lie C .. 1 before it
-    allowed = band_mask(ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
+    allowed = band_mask(timeline.window_ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
     out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, derived)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
     return action, log_probs, value, layer_inputs.squeeze(1)

@@ -11,7 +11,7 @@ spaces and the episode limit, as in training. Everything runs on the CPU in a fe
    and the model's parameters, gradients and AdamW state (flat, as the trainer keeps them).
 2. One minibatch: the first one that ppo_trxl.minibatches yields, evaluated by ppo_trxl.evaluate on random
    observations and memory (one episode long enough to fill every window), then backpropagated.
-   - attention inputs: captured by hooks on the transformer and its attention modules;
+   - attention inputs: captured by hooks on the transformer and its first attention module;
    - saved activations: every tensor that autograd saves for the backward pass, counted once per storage,
      parameters left out, attributed to the module that saved it;
    - peak: the most bytes live at once during forward and backward above what was live before (the CPU
