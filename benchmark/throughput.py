@@ -4,8 +4,10 @@
     python benchmark/throughput.py pom minigrid --iterations 6
     python benchmark/throughput.py minigrid --cuda          # on the GPU, with its peak memory
     python benchmark/throughput.py endless --cuda --iterations 2   # the full default Endless config
+    python benchmark/throughput.py mmgrid -- --encoder-dtype bfloat16 --compile   # trainer flags for every config
 
-`endless` (32 envs x 512 steps, memory 256: 16,384 steps an iteration) runs only when named.
+`endless` (32 envs x 512 steps, memory 256: 16,384 steps an iteration) runs only when named. Trainer flags after
+`--` go on top of every configuration's (the last of a repeated flag wins), and into the table's "what".
 
 Each configuration runs the real trainer for a fixed number of iterations in its own child process, in a
 scratch folder (its tensorboard logs are thrown away): 4, or with --iterations as many as asked; pom runs its
@@ -106,9 +108,10 @@ def documented_flags(env_id):
     return command[command.index("ppo_trxl.py") + 1 :]
 
 
-def trainer_flags(config, iterations, cuda):
-    """The config's flags (a repeated flag: the last one wins), with total_timesteps set for `iterations`."""
-    flags = documented_flags(config.env_id) + list(config.overrides) + ["--exp-name", "throughput"]
+def trainer_flags(config, iterations, cuda, extra=()):
+    """The config's flags and the extra ones (a repeated flag: the last one wins), with total_timesteps set for
+    `iterations`."""
+    flags = documented_flags(config.env_id) + list(config.overrides) + list(extra) + ["--exp-name", "throughput"]
     flags.append("--cuda" if cuda else "--no-cuda")
     batch_size = tyro.cli(ppo_trxl.Args, args=flags).batch_size
     return flags + ["--total-timesteps", str(iterations * batch_size)]
@@ -156,7 +159,9 @@ def main():
     parser.add_argument("configs", nargs="*", help=f"which of {', '.join(CONFIGS)} (default: all but endless)")
     parser.add_argument("--iterations", type=int, help="training iterations per configuration (at least 2; default 4, pom 12)")
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (the trainer's --cuda)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: len(argv) - len(extra)] if extra else argv)
     if args.iterations is not None and args.iterations < 2:
         parser.error("--iterations must be at least 2: the first one is left out of steps/s")
     unknown = [name for name in args.configs if name not in CONFIGS]
@@ -172,7 +177,7 @@ def main():
     for name in names:
         config = CONFIGS[name]
         num_iterations = args.iterations or config.iterations
-        flags = trainer_flags(config, num_iterations, args.cuda)
+        flags = trainer_flags(config, num_iterations, args.cuda, extra)
         print(f"\n== {name}: python ppo_trxl.py {shlex.join(flags)}", flush=True)
         iterations, peak_rss, gpu = measure(flags)
         sps = steps_per_second(iterations)
@@ -182,7 +187,7 @@ def main():
         rows.append(
             [
                 name,
-                config.description,
+                " ".join([config.description, *extra]),
                 f"2-{num_iterations}",
                 f"{sps:,.0f}",
                 f"{iterations[-1][2]:,}",

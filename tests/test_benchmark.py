@@ -246,6 +246,9 @@ def test_throughput_builds_the_documented_commands():
     flags = flag_values(throughput.trainer_flags(throughput.CONFIGS["mmgrid"], 2, cuda=True))
     assert (flags["--num-envs"], flags["--num-steps"], flags["--num-minibatches"], flags["--cuda"]) == ("8", "128", "4", True)
     assert flags["--total-timesteps"] == str(2 * 8 * 128)
+    extra = ["--encoder-dtype", "bfloat16", "--compile"]
+    with_extra = flag_values(throughput.trainer_flags(throughput.CONFIGS["mmgrid"], 2, cuda=True, extra=extra))
+    assert with_extra == {**flags, "--encoder-dtype": "bfloat16", "--compile": True}
     # the full default Endless config runs only when named: 32 envs x 512 steps an iteration
     flags = flag_values(throughput.trainer_flags(throughput.CONFIGS["endless"], 2, cuda=True))
     assert (flags["--env-id"], flags["--trxl-memory-length"], flags["--total-timesteps"]) == (

@@ -205,15 +205,15 @@ def train_env():
 
 @pytest.fixture(scope="session")
 def train(tmp_path_factory, train_env):
-    """train(name, flags) runs ppo_trxl.py with flags in a fresh folder and returns the Run."""
+    """train(name, flags, **environment) runs ppo_trxl.py with flags in a fresh folder and returns the Run."""
 
-    def run(name, flags, timeout=300):
+    def run(name, flags, timeout=300, **environment):
         cwd = tmp_path_factory.mktemp(name)
         started = time.time()
         result = subprocess.run(
             [sys.executable, str(SCRIPT), *flags],
             cwd=cwd,
-            env=train_env,
+            env={**train_env, **environment},
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -321,6 +321,18 @@ def test_mortar_mayhem_grid(train):
     assert all(value == 0 for _, value in scalars["losses/reconstruction_loss"])
 
 
+def test_mortar_mayhem_grid_bfloat16_encoder(trxl, train):
+    flags = tiny("MortarMayhem-Grid-v0", "save-model", encoder_dtype="bfloat16", reconstruction_coef=0.1)
+    run = train("mortar-mayhem-grid-bf16", flags)
+    scalars = check_tiny_log(run)
+    assert all(value > 0 for _, value in scalars["losses/reconstruction_loss"]), scalars["losses/reconstruction_loss"]
+    checkpoint = run.checkpoint()
+    assert checkpoint["args"]["encoder_dtype"] == "bfloat16"
+    assert all(weight.dtype == torch.float32 for weight in checkpoint["model_weights"].values())
+    agent, _ = load_agent(trxl, checkpoint, gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), 119)
+    assert agent.encoder_dtype == torch.bfloat16, "a model trained with a bfloat16 encoder runs it so when loaded"
+
+
 @pytest.fixture(scope="module")
 def mortar_mayhem_run(train):
     return train("mortar-mayhem", tiny("MortarMayhem-v0", "save-model", reconstruction_coef=0.1))
@@ -350,6 +362,11 @@ def test_mortar_mayhem_model_has_two_branches_and_a_decoder(trxl, mortar_mayhem_
         image = agent.reconstruct_observation(torch.randn(3, 32))
     assert image.shape == (3, 84, 84, 3)
     assert image.min() >= 0 and image.max() <= 1
+
+
+def test_compiled_run(train):
+    # the rollout step and the update's forward compiled (their bookkeeping: test_model.py)
+    check_tiny_log(train("compiled", tiny("MortarMayhem-Grid-v0", "compile")))
 
 
 # 3. MiniGrid
@@ -599,13 +616,23 @@ BAD_INPUTS = {
     "minibatches": (tiny("ProofofMemory-v0", num_minibatches=3), "num-minibatches"),
     "less-than-a-batch": (tiny("ProofofMemory-v0", total_timesteps=63), "total-timesteps"),
     "discrete-observations": (tiny("FrozenLake-v1"), "observation space"),
+    "encoder-dtype": (tiny("ProofofMemory-v0", encoder_dtype="float16"), "unknown --encoder-dtype 'float16'"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input(train, case):
     flags, message = BAD_INPUTS[case]
-    run = train(f"bad-{case}", flags, timeout=120)
+    check_one_line_error(train(f"bad-{case}", flags, timeout=120), message)
+
+
+def test_compile_without_a_compiler(train):
+    run = train("bad-compile", tiny("ProofofMemory-v0", "compile"), timeout=120, CXX="no-such-compiler")
+    check_one_line_error(run, "--compile needs a C++ compiler")
+
+
+def check_one_line_error(run, message):
+    """A run stopped before it began: a one-line error holding message, and nothing written."""
     assert run.returncode != 0
     assert "Traceback" not in run.stderr, run.stderr
     lines = run.stderr.strip().splitlines()
