@@ -236,10 +236,15 @@ def check_args(args):
         fail(f"unknown --memory-dtype '{args.memory_dtype}': choose float32 or bfloat16")
     if args.encoder_dtype not in ("float32", "bfloat16"):
         fail(f"unknown --encoder-dtype '{args.encoder_dtype}': choose float32 or bfloat16")
-    if args.compile and not shutil.which(os.environ.get("CXX", "g++")):
+    if args.compile and not cpp_compiler():
         fail("--compile needs a C++ compiler for torch.compile (g++, or the one $CXX names): install one or drop --compile")
     if args.checkpoint_interval < 0 or args.keep_checkpoints < 1:
         fail("--checkpoint-interval must be 0 (off) or positive, and --keep-checkpoints at least 1")
+
+
+def cpp_compiler():
+    """The C++ compiler that torch.compile builds its CPU kernels with (g++, or $CXX), or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
 
 
 def find_env_spec(env_id):
