@@ -10,8 +10,9 @@ Docs: README.md. A one-minute run on the CPU:
 How memory works here. Every layer caches its input at every step; at episode step t a layer attends to
 the cached inputs of the same episode's steps [t - w, t - 1], w = min(t, memory_length - 1): a band that
 ends just before the current step. The band of a sample is a slice of its env's timeline, the stream of
-steps that the env produced, so each cached step is normalised once (not once per sample that sees it),
-the bias-free key and value projections move onto the queries and the attended sums, and the scores of
+steps that the env produced, so each cached step is standardised once (not once per sample that sees it),
+the bias-free key and value projections and norm_kv's affine move onto the queries and the attended sums,
+and the scores of
 a chunk of an env's steps are one matrix product with a band mask. No window is copied per sample.
 """
 
@@ -437,11 +438,14 @@ class PositionalEncoding(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Every head projects its slice of width h = D / H with the same weights; scores are scaled by sqrt(D).
 
-    The key and value projections are linear maps without bias, so they can leave the memory slots:
-    a score queries(x) . keys(n) equals (x @ W_queries^T @ W_keys) . n, and a weighted sum of values(n)
-    equals values of the weighted sum of n. The memory is therefore only normalised, once per slot, and
-    attended as it is; the query and key maps (with the scale) and the value and output maps are each
-    combined into one matrix, so every sample goes through two projections instead of four.
+    A slot is norm_kv's shift + scale * z, z its standardised memory (layer-normalised without the affine).
+    The key and value projections are linear maps without bias, so they can leave the slots, and so can the
+    affine: a score queries(x) . keys(shift + scale * z) equals (x @ W_queries^T @ W_keys * scale) . z plus a
+    term of x alone, the same for every slot, which the softmax ignores; the weighted sum of
+    values(shift + scale * z) is values(shift + scale * the weighted sum of z), the weights summing to 1.
+    So the attention reads the standardised memory as it is; the query, key and scale maps and the scale,
+    value and output maps are each combined into one matrix (the shift goes into the output's bias), and
+    every sample goes through two projections instead of four.
     """
 
     def __init__(self, dim, num_heads):
@@ -454,34 +458,40 @@ class MultiHeadAttention(nn.Module):
         self.fc_out = nn.Linear(dim, dim)
 
     @staticmethod
-    def combined_maps(queries, keys, values, fc_out):
-        """The combined maps of L layers from their stacked weights: queries, keys, values (L, h, h), fc_out (L, D, D).
+    def combined_maps(queries, keys, values, fc_out, fc_bias, kv_scale, kv_shift):
+        """The combined maps of L layers from their stacked parameters: queries, keys, values (L, h, h),
+        fc_out (L, D, D), fc_bias (L, D) and norm_kv's kv_scale, kv_shift (L, D).
 
-        query_to_slot (L, h, h): W_queries^T W_keys / sqrt(D); slot_to_out (L, D, D): fc_out of every head's
-        values, whose block k is W_fc_out[:, block k] @ W_values."""
+        query_to_slot (L, h, h): W_queries^T W_keys / sqrt(D), shared by the heads; head_scale (L, H, 1, h): kv_scale
+        cut into heads, which a head's mapped queries take on; slot_to_out (L, D, D): fc_out of every head's values,
+        block k W_fc_out[:, block k] @ W_values, its columns scaled by kv_scale; out_bias (L, D): fc_bias plus the
+        same map, unscaled, of kv_shift."""
         num_layers, dim, head_size = values.shape[0], fc_out.shape[-1], values.shape[-1]
         query_to_slot = queries.transpose(-2, -1) @ keys / dim**0.5
-        slot_to_out = (fc_out.view(num_layers, -1, head_size) @ values).view(num_layers, dim, dim)
-        return query_to_slot, slot_to_out
+        values_out = (fc_out.view(num_layers, -1, head_size) @ values).view(num_layers, dim, dim)
+        out_bias = torch.baddbmm(fc_bias.unsqueeze(-1), values_out, kv_shift.unsqueeze(-1)).squeeze(-1)
+        head_scale = kv_scale.view(num_layers, -1, 1, head_size)
+        return query_to_slot, head_scale, values_out * kv_scale.unsqueeze(-2), out_bias
 
     def forward(self, query, slots, mask, maps, fresh=None, need_weights=False):
-        """query (N, S, D) normalised; slots (N, H, P, h) the normalised memory split into heads;
-        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; maps: this layer's combined maps.
+        """query (N, S, D) normalised; slots (N, H, P, h) the standardised memory split into heads;
+        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; maps: this layer's combined maps
+        (query_to_slot (h, h), head_scale (H, 1, h), slot_to_out (D, D), out_bias (D,)).
 
         A query without any allowed slot attends uniformly over all P slots, as the published model does
         at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
-        the mean of a fresh episode's window, whose slots hold zero memory.
+        the mean standardised slot of a fresh episode's window, whose slots hold zero memory.
         Returns the output (N, S, D) and, with need_weights, the attention weights (N, H, S, P), else None.
         """
-        query_to_slot, slot_to_out = maps
-        heads = query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) @ query_to_slot  # (N, H, S, h)
+        query_to_slot, head_scale, slot_to_out, out_bias = maps
+        heads = (query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) @ query_to_slot) * head_scale  # (N, H, S, h)
         # softmax(heads @ slots^T + mask) @ slots in one fused operation, which keeps no (N, H, S, P) scores
         attended = F.scaled_dot_product_attention(heads, slots, slots, attn_mask=mask, scale=1.0).transpose(1, 2)
         weights = torch.softmax(heads @ slots.transpose(-2, -1) + mask, dim=-1) if need_weights else None
         if fresh is not None:
             has_slot, fresh_slot = fresh
             attended = torch.where(has_slot, attended, fresh_slot)
-        return F.linear(attended.flatten(-2), slot_to_out, self.fc_out.bias), weights
+        return F.linear(attended.flatten(-2), slot_to_out, out_bias), weights
 
 
 class TransformerLayer(nn.Module):
@@ -506,21 +516,22 @@ class Derived(NamedTuple):
     rollout, and once per minibatch of the update (see Transformer.derive)."""
 
     query_to_slot: torch.Tensor
-    """(L, h, h) every layer's combined query and key map (MultiHeadAttention.combined_maps)"""
+    """(L, h, h) every layer's combined query and key maps (MultiHeadAttention.combined_maps)"""
+    head_scale: torch.Tensor
+    """(L, H, 1, h) every layer's norm_kv scale, which the mapped queries take on"""
     slot_to_out: torch.Tensor
-    """(L, D, D) every layer's combined value and output map"""
-    kv_scale: torch.Tensor
-    """(L, D) every layer's norm_kv weight"""
-    kv_shift: torch.Tensor
-    """(L, D) every layer's norm_kv bias"""
+    """(L, D, D) every layer's combined scale, value and output maps"""
+    out_bias: torch.Tensor
+    """(L, D) every layer's output bias, norm_kv's shift included"""
     fresh_slots: Optional[torch.Tensor]
-    """(L, H, h) every layer's mean normalised slot of a fresh episode, or None"""
+    """(L, H, h) every layer's mean standardised slot of a fresh episode, or None"""
 
 
 class Transformer(nn.Module):
     def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding):
         super().__init__()
         self.num_heads = num_heads
+        self.dim = dim
         self.max_episode_steps = max_episode_steps
         self.positional_encoding = encoding_of(positional_encoding)
         if self.positional_encoding == "absolute":
@@ -535,33 +546,28 @@ class Transformer(nn.Module):
             return self.pos_embedding(steps)
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
-    def normalise_memory(self, memory, steps, derived):
+    def standardise(self, memory, steps):
         """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> (L, N, H, P, h), what each layer
-        attends to: its norm_kv of the memory plus the positional encoding of the slot's episode step.
-
-        The layers normalise alike before their own scale and shift (derived), so all layers are normalised at once."""
+        attends to: its input plus the positional encoding of the slot's episode step, layer-normalised without
+        norm_kv's affine, which the attention's maps hold (see MultiHeadAttention). All layers at once."""
+        memory = memory.float()
         if self.positional_encoding:
             memory = memory + self.positions(steps).unsqueeze(-2)
-        normalised = torch.addcmul(
-            derived.kv_shift, F.layer_norm(memory, memory.shape[-1:], eps=self.kv_eps), derived.kv_scale
-        )
-        return normalised.unflatten(-1, (self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        eps = self.transformer_layers[0].norm_kv.eps  # LayerNorm's default, the same for every layer
+        return F.layer_norm(memory, memory.shape[-1:], eps=eps).unflatten(-1, (self.num_heads, -1)).permute(2, 0, 3, 1, 4)
 
     @property
-    def kv_eps(self):
-        """the eps of every layer's norm_kv (LayerNorm's default, the same for all)"""
-        return self.transformer_layers[0].norm_kv.eps
+    def learns_positions(self):
+        """Whether a parameter, the learned encoding, enters the standardised memory. Otherwise a slot is
+        standardised once, whatever the parameters, and the update attends to the rollout's standardised slots."""
+        return self.positional_encoding == "learned"
 
-    def fresh_slots(self, memory_length, kv_scale, kv_shift):
-        """(L, H, h): each layer's mean normalised slot over the window of a fresh episode (zero memory).
-
-        The slots differ only in their positional encoding, so the mean is taken before the scale and shift.
-        Without an encoding they are all zero, normalised to zero: the mean is the shift."""
-        if not self.positional_encoding:
-            return kv_shift.unflatten(-1, (self.num_heads, -1))
-        window = self.positions(torch.arange(memory_length, device=kv_scale.device))  # (M, D)
-        mean_normalised = F.layer_norm(window, window.shape[-1:], eps=self.kv_eps).mean(0)  # (D,)
-        return torch.addcmul(kv_shift, mean_normalised, kv_scale).unflatten(-1, (self.num_heads, -1))
+    def fresh_slots(self, memory_length, device):
+        """(L, H, h): each layer's mean standardised slot over the window of a fresh episode, whose memory is zero
+        (without an encoding, zero)."""
+        steps = torch.arange(memory_length, device=device).unsqueeze(0)  # (1, M)
+        zeros = torch.zeros((1, memory_length, len(self.transformer_layers), self.dim), device=device)
+        return self.standardise(zeros, steps).mean(-2).squeeze(1)  # (L, 1, H, M, h) -> (L, H, h)
 
     def derive(self, memory_length=None):
         """The Derived of the current parameters; without memory_length no fresh slots (a query that may attend
@@ -571,26 +577,29 @@ class Transformer(nn.Module):
         def stacked(weight_of):
             return torch.stack([weight_of(layer) for layer in self.transformer_layers])
 
-        query_to_slot, slot_to_out = MultiHeadAttention.combined_maps(
+        query_to_slot, head_scale, slot_to_out, out_bias = MultiHeadAttention.combined_maps(
             stacked(lambda layer: layer.attention.queries.weight),
             stacked(lambda layer: layer.attention.keys.weight),
             stacked(lambda layer: layer.attention.values.weight),
             stacked(lambda layer: layer.attention.fc_out.weight),
+            stacked(lambda layer: layer.attention.fc_out.bias),
+            stacked(lambda layer: layer.norm_kv.weight),
+            stacked(lambda layer: layer.norm_kv.bias),
         )
-        kv_scale = stacked(lambda layer: layer.norm_kv.weight)
-        kv_shift = stacked(lambda layer: layer.norm_kv.bias)
-        fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, kv_scale, kv_shift)
-        return Derived(query_to_slot, slot_to_out, kv_scale, kv_shift, fresh_slots)
+        fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, out_bias.device)
+        return Derived(query_to_slot, head_scale, slot_to_out, out_bias, fresh_slots)
 
     def forward(self, x, slots, allowed, derived, need_weights=False):
-        """x (N, S, D) queries; slots (L, N, H, P, h) normalised memory; allowed (N, S, P) bool; derived: derive().
+        """x (N, S, D) queries; slots (L, N, H, P, h) standardised memory; allowed (N, S, P) bool; derived: derive().
 
         Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
         and with need_weights every layer's attention weights [(N, H, S, P)] * L (else [None] * L).
         """
         mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
         has_slot = allowed.any(-1)[..., None, None]
-        maps = zip(derived.query_to_slot.unbind(0), derived.slot_to_out.unbind(0))
+        maps = zip(
+            *(part.unbind(0) for part in (derived.query_to_slot, derived.head_scale, derived.slot_to_out, derived.out_bias))
+        )
         fresh_slots = [None] * len(slots) if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
         layer_inputs, weights = [], []
         for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, slots.unbind(0), maps, fresh_slots):
@@ -683,7 +692,7 @@ class Agent(nn.Module):
         weights over the window [(B, H, M)] * L.
         """
         derived = self.transformer.derive()
-        slots = self.transformer.normalise_memory(memory, memory_indices, derived)
+        slots = self.transformer.standardise(memory, memory_indices)
         allowed = memory_mask.bool().unsqueeze(1)
         out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, allowed, derived, need_weights=True)
         return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
@@ -696,11 +705,12 @@ class Agent(nn.Module):
         action, log_probs, entropy, value, _ = self.policy_and_value(out, action)
         return action, log_probs, entropy, value, new_memory
 
-    def forward(self, obs, actions, memory, steps, memory_length):
+    def forward(self, obs, actions, window, steps, memory_length):
         """The update's pass over G chunks of Q consecutive steps, each with the C = memory_length - 1 slots
-        before it: obs (G, Q, *obs_shape), actions (G, Q, branches), memory (G, C+Q, L, D) the cached layer
-        inputs and steps (G, C+Q) their episode steps. Each slot is normalised once, and every step attends
-        to its band inside its chunk's window:
+        before it: obs (G, Q, *obs_shape), actions (G, Q, branches), steps (G, C+Q) the slots' episode steps,
+        and window the slots: standardised (L, G, H, C+Q, h), or with a learned encoding the cached layer inputs
+        (G, C+Q, L, D), standardised here, where the encoding's gradient flows. Every step attends to its band
+        inside its chunk's window:
 
             slots    [0 ........ C) [C ........ C+Q)
             step C+i        [band]   ^ the step's own slot
@@ -709,7 +719,7 @@ class Agent(nn.Module):
         """
         context, num_slots = memory_length - 1, steps.shape[1]
         derived = self.transformer.derive(memory_length)
-        slots = self.transformer.normalise_memory(memory, steps, derived)  # (L, G, H, C+Q, h)
+        slots = self.transformer.standardise(window, steps) if self.transformer.learns_positions else window
         episode_steps = steps[:, context:]  # (G, Q)
         positions = torch.arange(num_slots, device=obs.device)  # the chunk's steps sit at slots C .. C+Q-1
         ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
@@ -738,8 +748,8 @@ class Timeline:
         slots = self.context + num_steps
         self.memory = torch.zeros((num_envs, slots, num_layers, dim), dtype=dtype, device=device)  # (E, C+S, L, D)
         self.steps = torch.zeros((num_envs, slots), dtype=torch.long, device=device)  # (E, C+S) episode steps
-        # the rollout's normalised memory under the current parameters: (L, E, H, C+S, h)
-        self.normalised = torch.zeros((num_layers, num_envs, num_heads, slots, dim // num_heads), device=device)
+        # the standardised memory (Transformer.standardise) that the rollout attends to: (L, E, H, C+S, h)
+        self.standardised = torch.zeros((num_layers, num_envs, num_heads, slots, dim // num_heads), device=device)
 
     def carry_over(self):
         """Moves the last C steps to the front, making room for the next rollout."""
@@ -748,19 +758,18 @@ class Timeline:
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
 
     @torch.inference_mode()
-    def normalise(self, transformer, derived, slots):
-        """Normalises the slots (a slice) for the rollout; derived: the transformer's derive() for the rollout."""
-        memory, steps = self.memory[:, slots].float(), self.steps[:, slots]
-        self.normalised[..., slots, :] = transformer.normalise_memory(memory, steps, derived)
+    def standardise(self, transformer, slots):
+        """Standardises the slots (a slice) with the transformer's current positional encoding."""
+        self.standardised[..., slots, :] = transformer.standardise(self.memory[:, slots], self.steps[:, slots])
 
 
 @torch.inference_mode()
 def rollout_step(agent, timeline, derived, obs, episode_steps, s):
     """The policy at rollout step s for all envs: each env attends to its band just before slot C + s,
-    whose slots the timeline has normalised; derived: the transformer's derive(memory_length).
+    whose slots the timeline has standardised; derived: the transformer's derive(memory_length).
     Returns action, log-probs, value, and every layer's input (E, L, D) to cache at slot C + s."""
     context = timeline.context
-    window = timeline.normalised[..., s : s + context, :]  # (L, E, H, C, h); the query sits at slot C
+    window = timeline.standardised[..., s : s + context, :]  # (L, E, H, C, h); the query sits at slot C
     allowed = band_mask(timeline.window_ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
     out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, derived)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
@@ -806,7 +815,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
     timeline.carry_over()
     with torch.inference_mode():
         derived = agent.transformer.derive(timeline.memory_length)  # the parameters stay fixed during the rollout
-    timeline.normalise(agent.transformer, derived, slice(0, context))  # the carried-over slots, with these parameters
+    timeline.standardise(agent.transformer, slice(0, context))  # the carried-over slots (a learned encoding changed)
     finished_episodes = []
     for s in range(rollout.obs.shape[1]):
         rollout.obs[:, s] = next_obs
@@ -814,7 +823,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
         action, logprob, value, layer_inputs = policy_step(agent, timeline, derived, next_obs, next_episode_steps, s)
         rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
         timeline.memory[:, context + s] = layer_inputs
-        timeline.normalise(agent.transformer, derived, slice(context + s, context + s + 1))
+        timeline.standardise(agent.transformer, slice(context + s, context + s + 1))
 
         next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy().reshape(envs.action_space.shape))
         rollout.rewards[:, s] = torch.as_tensor(reward, dtype=torch.float32, device=device)
@@ -871,12 +880,15 @@ def take(buffer, chunks):
 
 def evaluate(agent, timeline, chunks, obs, actions):
     """The update's pass over chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps, whose
-    bands reach the timeline slots [first step, C + last step]. agent may be wrapped in DistributedDataParallel.
-    obs (G, Q, *obs_shape), actions (G, Q, branches)."""
+    bands reach the timeline slots [first step, C + last step]. obs (G, Q, *obs_shape), actions (G, Q, branches).
+    agent may be wrapped: DistributedDataParallel keeps it as .module, torch.compile passes attributes through."""
     rows, steps = chunks
     slots = steps[:, :1] + torch.arange(timeline.context + steps.shape[1], device=steps.device)  # (G, C+Q)
-    memory = timeline.memory[rows, slots].float()  # (G, C+Q, L, D)
-    return agent(obs, actions, memory, timeline.steps[rows, slots], timeline.memory_length)
+    if getattr(agent, "module", agent).transformer.learns_positions:
+        window = timeline.memory[rows, slots]  # (G, C+Q, L, D)
+    else:
+        window = timeline.standardised[:, rows, :, slots].permute(2, 0, 3, 1, 4)  # (G, C+Q, L, H, h) -> (L, G, H, C+Q, h)
+    return agent(obs, actions, window, timeline.steps[rows, slots], timeline.memory_length)
 
 
 def save_atomically(obj, path):

@@ -181,6 +181,7 @@ def main():
     timeline = ppo_trxl.Timeline(E, S, memory_length, L, args.trxl_num_heads, D, memory_dtype, "cpu")
     timeline.memory.copy_(torch.randn(timeline.memory.shape))
     timeline.steps.copy_(limit + torch.arange(timeline.steps.shape[1]))
+    timeline.standardise(agent.transformer, slice(None))
     if rollout.obs.dtype == torch.uint8:
         obs = torch.randint(0, 256, (E, queries) + observation_space.shape, dtype=torch.uint8)
     else:

@@ -59,6 +59,44 @@ def test_published_interface_matches_golden_outputs(golden, part):
     torch.testing.assert_close(agent.actor_branches[0](hidden), expected["logits"][0], **TOLERANCE)
 
 
+def attention_as_published(layer, x, slots, mask):
+    """One layer of the published model, written out: x (B, D) query; slots (B, M, D) the layer's cached inputs plus
+    their positions; mask (B, M) bool. Keys and values of norm_kv(slots), scores over sqrt(D), masked with -1e20."""
+    num_heads, (batch, memory_length, dim) = layer.attention.num_heads, slots.shape
+    kv = layer.norm_kv(slots).view(batch, memory_length, num_heads, -1)
+    queries = layer.attention.queries(layer.layer_norm_q(x).view(batch, 1, num_heads, -1))
+    keys, values = layer.attention.keys(kv), layer.attention.values(kv)
+    energy = torch.einsum("bqhd,bkhd->bhqk", queries, keys).masked_fill(~mask[:, None, None, :], -1e20)
+    weights = torch.softmax(energy / dim**0.5, dim=3)
+    x = x + layer.attention.fc_out(torch.einsum("bhqk,bkhd->bqhd", weights, values).reshape(batch, dim))
+    return x + layer.fc_projection(layer.layer_norm_attn(x))
+
+
+@pytest.mark.parametrize("encoding", ["absolute", "learned", "none"])
+@torch.no_grad()
+def test_attention_matches_the_published_formula(encoding):
+    """window_pass, whose attention reads standardised slots and holds norm_kv's affine in its maps, computes
+    what the published layers compute, a row without any allowed slot (t = 0) included."""
+    torch.manual_seed(0)
+    args = ppo_trxl.Args(trxl_dim=24, trxl_num_heads=3, trxl_num_layers=2, trxl_positional_encoding=encoding)
+    agent = ppo_trxl.Agent(args, gym.spaces.Box(-1.0, 1.0, (5,), np.float32), (3,), 20)
+    for layer in agent.transformer.transformer_layers:  # an affine far from LayerNorm's initial (1, 0)
+        layer.norm_kv.weight.normal_(1.0, 0.5)
+        layer.norm_kv.bias.normal_(0.0, 0.5)
+    batch, memory_length = 4, 6
+    obs = torch.randn(batch, 5)
+    memory = torch.randn(batch, memory_length, args.trxl_num_layers, args.trxl_dim)
+    indices = torch.arange(memory_length).expand(batch, -1) + torch.tensor([[0], [0], [3], [14]])
+    mask = indices < torch.tensor([[0], [2], [7], [19]])  # episode steps 0, 2, 7 and 19
+    out, _, _ = agent.window_pass(obs, memory, mask, indices)
+
+    x = agent.encode(obs)
+    positions = agent.transformer.positions(indices) if encoding != "none" else 0
+    for i, layer in enumerate(agent.transformer.transformer_layers):
+        x = attention_as_published(layer, x, memory[:, :, i] + positions, mask)
+    torch.testing.assert_close(out, x, **TOLERANCE)
+
+
 @torch.no_grad()
 def test_trainer_paths_replay_the_golden_episode(golden):
     """The rollout's and the update's fast paths reproduce an episode played by the published model."""
@@ -79,7 +117,7 @@ def test_trainer_paths_replay_the_golden_episode(golden):
             agent, timeline, derived, episode["obs"][t : t + 1], episode_steps, t
         )
         timeline.memory[:, context + t] = layer_inputs
-        timeline.normalise(agent.transformer, derived, slice(context + t, context + t + 1))
+        timeline.standardise(agent.transformer, slice(context + t, context + t + 1))
         values.append(value)
     expected = episode["per_step_outputs"]
     torch.testing.assert_close(torch.cat(values), expected["value"], **TOLERANCE)
@@ -270,11 +308,12 @@ def test_flat_parameters_train_like_separate_ones():
     actions = torch.stack([torch.randint(0, 3, (chunks, steps)), torch.randint(0, 2, (chunks, steps))], -1)
     memory = torch.randn(chunks, memory_length - 1 + steps, args.trxl_num_layers, args.trxl_dim)
     episode_steps = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 0, 1, 2]])
+    window = separate.transformer.standardise(memory, episode_steps)  # no parameter enters the absolute encoding
 
     def train_step(agent, parameters):
         optimizer = torch.optim.AdamW(parameters, lr=1e-2, fused=True)
         for _ in range(2):
-            log_probs, entropy, value, hidden = agent(obs, actions, memory, episode_steps, memory_length)
+            log_probs, entropy, value, hidden = agent(obs, actions, window, episode_steps, memory_length)
             loss = log_probs.sum() + entropy.mean() + value.pow(2).mean() + agent.reconstruct_observation(hidden).mean()
             for p in parameters:
                 p.grad = None if p is not flat else p.grad.zero_()
