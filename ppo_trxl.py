@@ -443,9 +443,10 @@ class MultiHeadAttention(nn.Module):
     affine: a score queries(x) . keys(shift + scale * z) equals (x @ W_queries^T @ W_keys * scale) . z plus a
     term of x alone, the same for every slot, which the softmax ignores; the weighted sum of
     values(shift + scale * z) is values(shift + scale * the weighted sum of z), the weights summing to 1.
-    So the attention reads the standardised memory as it is; the query, key and scale maps and the scale,
-    value and output maps are each combined into one matrix (the shift goes into the output's bias), and
-    every sample goes through two projections instead of four.
+    So the attention reads the standardised memory as it is. The query and key maps are combined into one
+    matrix, shared by the heads, whose outputs take on each head's slice of the scale; the scale, value and
+    output maps into another, and the shift into the output's bias. Every sample goes through two
+    projections instead of four.
     """
 
     def __init__(self, dim, num_heads):
