@@ -12,8 +12,8 @@ the cached inputs of the same episode's steps [t - w, t - 1], w = min(t, memory_
 ends just before the current step. The band of a sample is a slice of its env's timeline, the stream of
 steps that the env produced, so each cached step is standardised once (not once per sample that sees it),
 the bias-free key and value projections and norm_kv's affine move onto the queries and the attended sums,
-and the scores of
-a chunk of an env's steps are one matrix product with a band mask. No window is copied per sample.
+and the scores of a chunk of an env's steps are one matrix product with a band mask. No window is copied
+per sample.
 """
 
 import ctypes
@@ -753,10 +753,11 @@ class Timeline:
         self.standardised = torch.zeros((num_layers, num_envs, num_heads, slots, dim // num_heads), device=device)
 
     def carry_over(self):
-        """Moves the last C steps to the front, making room for the next rollout."""
+        """Moves the last C steps, standardised as they are, to the front, making room for the next rollout."""
         if self.context > 0:
             self.memory[:, : self.context] = self.memory[:, -self.context :].clone()
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
+            self.standardised[..., : self.context, :] = self.standardised[..., -self.context :, :].clone()
 
     @torch.inference_mode()
     def standardise(self, transformer, slots):
@@ -816,7 +817,8 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
     timeline.carry_over()
     with torch.inference_mode():
         derived = agent.transformer.derive(timeline.memory_length)  # the parameters stay fixed during the rollout
-    timeline.standardise(agent.transformer, slice(0, context))  # the carried-over slots (a learned encoding changed)
+    if agent.transformer.learns_positions:  # the carried-over slots' positions changed with the parameters
+        timeline.standardise(agent.transformer, slice(0, context))
     finished_episodes = []
     for s in range(rollout.obs.shape[1]):
         rollout.obs[:, s] = next_obs
