@@ -107,6 +107,8 @@ class Args:
     """the final learning rate of the optimizer after linearly annealing"""
     num_envs: int = 32
     """the number of parallel game environments"""
+    async_envs: bool = False
+    """step every env in a subprocess of its own (gymnasium's AsyncVectorEnv): faster with spare CPU cores, as on GPU machines"""
     num_steps: int = 512
     """the number of steps to run in each environment per policy rollout"""
     anneal_steps: int = 32 * 512 * 10000
@@ -356,12 +358,28 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
     return thunk
 
 
+def in_subprocess(thunk):
+    """thunk for an AsyncVectorEnv worker, which leaves SIGINT and SIGTERM to the trainer: a Ctrl-C reaches every
+    process of the terminal, and the trainer still steps the envs to finish its iteration before it stops them."""
+
+    def worker_thunk():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return thunk()
+
+    return worker_thunk
+
+
 def make_envs(args, run_name, seed, capture_video=False):
     """The vector env of args.num_envs envs, reset with seed, with what the model needs to know of it.
 
     Returns envs, the first observations, the observation space, the action branches and the episode limit.
     """
-    envs = gym.vector.SyncVectorEnv([make_env(args.env_id, i, capture_video, run_name) for i in range(args.num_envs)])
+    thunks = [make_env(args.env_id, i, capture_video, run_name) for i in range(args.num_envs)]
+    if args.async_envs:
+        envs = gym.vector.AsyncVectorEnv([in_subprocess(thunk) for thunk in thunks])
+    else:
+        envs = gym.vector.SyncVectorEnv(thunks)
     observation_space, action_space = envs.single_observation_space, envs.single_action_space
     check_observation_space(observation_space, args.reconstruction_coef)
     action_space_shape = action_branches(action_space)
@@ -369,7 +387,14 @@ def make_envs(args, run_name, seed, capture_video=False):
     warnings.filterwarnings("ignore", message=".*to get variables from other wrappers is deprecated")
     envs = gym.wrappers.RecordEpisodeStatistics(envs)
     next_obs, _ = envs.reset(seed=seed)
-    return envs, next_obs, observation_space, action_space_shape, episode_limit(envs.unwrapped.envs[0])
+    if args.async_envs:  # env 0 lives in another process: a copy of it is read here, then closed
+        first_env = make_env(args.env_id, 0, False, run_name)()
+        first_env.reset(seed=seed)
+        max_episode_steps = episode_limit(first_env)
+        first_env.close()
+    else:  # not a copy: Memory Gym's close() quits pygame for every env of the process
+        max_episode_steps = episode_limit(envs.unwrapped.envs[0])
+    return envs, next_obs, observation_space, action_space_shape, max_episode_steps
 
 
 def episode_limit(env):

@@ -278,6 +278,19 @@ def test_resume_after_signals_finishes(signalled):
     check_published_model(last)
 
 
+def test_ctrl_c_with_async_envs_stops_cleanly(start):
+    """A Ctrl-C reaches every process of the terminal's group, the envs' subprocesses too: they leave it to the
+    trainer, which steps them to the end of its iteration and stops with a checkpoint."""
+    training = start(tiny("MortarMayhem-Grid-v0", "async-envs", total_timesteps=SIGNAL_ITERATIONS * BATCH), "ctrl-c")
+    training.wait_for("iteration 2/")
+    training.signal_group(signal.SIGINT)
+    run = training.finish()
+    assert run.returncode == 0 and "Traceback" not in run.stderr, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    name, step, _ = STOP_LINE.match(run.stdout.splitlines()[-1]).groups()
+    assert name == "SIGINT" and run.iterations()[-1][2] == int(step) < SIGNAL_ITERATIONS * BATCH
+    assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{int(step):012d}.pt"]
+
+
 # 3. A non-finite loss, forced by an env whose rewards turn to NaN in iteration 4
 
 

@@ -168,6 +168,10 @@ class Launch:
     def signal(self, signum):
         self.process.send_signal(signum)
 
+    def signal_group(self, signum):
+        """signum to every process of the group, as a terminal sends a Ctrl-C."""
+        os.killpg(self.process.pid, signum)
+
     def wait_for(self, prefix):
         """Reads the console up to the first line that starts with prefix."""
         for line in self.process.stdout:
@@ -331,6 +335,42 @@ def test_mortar_mayhem_grid_bfloat16_encoder(trxl, train):
     assert all(weight.dtype == torch.float32 for weight in checkpoint["model_weights"].values())
     agent, _ = load_agent(trxl, checkpoint, gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), 119)
     assert agent.encoder_dtype == torch.bfloat16, "a model trained with a bfloat16 encoder runs it so when loaded"
+
+
+@pytest.mark.parametrize("env_id", ["MortarMayhem-Grid-v0", "MiniGrid-MemoryS9-v0"])
+def test_async_envs_step_like_envs_in_this_process(trxl, env_id):
+    """--async-envs steps every env in a subprocess of its own: the same observations, rewards, ends and episode
+    statistics as the envs stepped in this process, and the same episode limit."""
+    traces = {}
+    for async_envs in (False, True):
+        args = trxl.Args(env_id=env_id, num_envs=3, async_envs=async_envs)
+        envs, obs, _, branches, limit = trxl.make_envs(args, "async", seed=5)
+        assert type(envs.unwrapped) is (gym.vector.AsyncVectorEnv if async_envs else gym.vector.SyncVectorEnv)
+        rng = np.random.default_rng(0)
+        trace, episodes = [limit, obs], 0
+        for _ in range(150):  # random episodes of either env end within 150 steps
+            actions = np.stack([rng.integers(0, n, size=args.num_envs) for n in branches], 1)
+            obs, reward, terminated, truncated, infos = envs.step(actions.reshape(envs.action_space.shape))
+            trace += [obs, reward, terminated, truncated]
+            if "_episode" in infos:
+                trace += [infos["episode"][key][infos["_episode"]] for key in ("r", "l")]
+                episodes += infos["_episode"].sum()
+        envs.close()
+        assert episodes > 0
+        traces[async_envs] = trace
+    assert len(traces[True]) == len(traces[False])
+    for a, b in zip(*traces.values()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_async_envs_run(train):
+    """A run with the envs in subprocesses records env 0's video from its subprocess and saves the model."""
+    run = train("async-envs", tiny("MortarMayhem-Grid-v0", "async-envs", "capture-video", "save-model"))
+    check_tiny_log(run)
+    assert run.checkpoint()["args"]["async_envs"] is True
+    videos = {video.name: video.stat().st_size for video in (run.cwd / "videos" / run.run_dir.name).iterdir()}
+    assert "episode-0.mp4" in videos and all(size > 0 for size in videos.values()), videos
+    assert not [name for name in videos if name.endswith(".part.mp4")], videos
 
 
 @pytest.fixture(scope="module")
