@@ -29,12 +29,12 @@ TIMEOUT = 180
 
 @pytest.fixture(scope="module")
 def start(tmp_path_factory, train_env):
-    """start(flags, cwd) starts ppo_trxl.py in cwd: a folder, or the name of a fresh one."""
+    """start(flags, cwd, **environment) starts ppo_trxl.py in cwd: a folder, or the name of a fresh one."""
 
-    def launch(flags, cwd="run"):
+    def launch(flags, cwd="run", **environment):
         if isinstance(cwd, str):
             cwd = tmp_path_factory.mktemp(cwd)
-        return Launch([sys.executable, str(SCRIPT), *flags], cwd, train_env, TIMEOUT)
+        return Launch([sys.executable, str(SCRIPT), *flags], cwd, {**train_env, **environment}, TIMEOUT)
 
     return launch
 
@@ -278,17 +278,17 @@ def test_resume_after_signals_finishes(signalled):
     check_published_model(last)
 
 
-def test_ctrl_c_with_async_envs_stops_cleanly(start):
-    """A Ctrl-C reaches every process of the terminal's group, the envs' subprocesses too: they leave it to the
-    trainer, which steps them to the end of its iteration and stops with a checkpoint."""
-    training = start(tiny("MortarMayhem-Grid-v0", "async-envs", total_timesteps=SIGNAL_ITERATIONS * BATCH), "ctrl-c")
-    training.wait_for("iteration 2/")
-    training.signal_group(signal.SIGINT)
-    run = training.finish()
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_the_group_with_async_envs_stops_cleanly(start, signum):
+    """A terminal's Ctrl-C, or Slurm's scancel, signals every process of the group, the envs' subprocesses too. An env
+    sends it at its 40th step, in the middle of iteration 2's rollout (32 steps an env): the subprocesses leave it to
+    the trainer, which steps them to the end of that iteration and stops with a checkpoint."""
+    flags = tiny("tests.signal_env:SignalGroup-v0", "async-envs", total_timesteps=SIGNAL_ITERATIONS * BATCH)
+    run = start(flags, f"group-{signum.name}", SIGNAL_GROUP_WITH=signum.name).finish()
     assert run.returncode == 0 and "Traceback" not in run.stderr, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
-    name, step, _ = STOP_LINE.match(run.stdout.splitlines()[-1]).groups()
-    assert name == "SIGINT" and run.iterations()[-1][2] == int(step) < SIGNAL_ITERATIONS * BATCH
-    assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{int(step):012d}.pt"]
+    assert (run.cwd / "signal-sent").exists()
+    assert STOP_LINE.match(run.stdout.splitlines()[-1]).groups()[:2] == (signum.name, str(2 * BATCH)), run.stdout
+    assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{2 * BATCH:012d}.pt"]
 
 
 # 3. A non-finite loss, forced by an env whose rewards turn to NaN in iteration 4
