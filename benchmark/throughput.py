@@ -160,8 +160,8 @@ def main():
     parser.add_argument("--iterations", type=int, help="training iterations per configuration (at least 2; default 4, pom 12)")
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (the trainer's --cuda)")
     argv = sys.argv[1:]
-    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    args = parser.parse_args(own)
+    split = argv.index("--") if "--" in argv else len(argv)  # the trainer's flags follow --
+    args, extra = parser.parse_args(argv[:split]), argv[split + 1 :]
     if args.iterations is not None and args.iterations < 2:
         parser.error("--iterations must be at least 2: the first one is left out of steps/s")
     unknown = [name for name in args.configs if name not in CONFIGS]
