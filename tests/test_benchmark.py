@@ -1,5 +1,6 @@
 """benchmark/: the experiment runner (dry runs, a local pool, the Slurm job script), plot.py on the logs of a tiny
-real training run, throughput.py's command building and memory.py on a tiny config."""
+real training run, throughput.py's command building, memory.py on a tiny config and phases.py
+on a tiny image config."""
 
 import glob
 import os
@@ -282,3 +283,38 @@ def test_memory_prints_the_buffers_of_a_tiny_config():
     assert row_bytes("one minibatch's episode copy") == 64 * 16 * 1 * 32 * 4
     assert row_bytes("transformer layer 0") > 0
     assert "peak during forward + backward" in output
+
+
+def test_phases_splits_an_image_iteration_into_its_parts():
+    phases = [sys.executable, str(ROOT / "benchmark" / "phases.py"), "mmgrid", "--iterations", "2", "--"]
+    phases += "--num-envs 2 --num-steps 64 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 --trxl-num-heads 2".split()
+    output = run(phases + ["--trxl-num-layers", "1", "--trxl-memory-length", "8", "--no-cuda"])
+    assert re.search(r"^iteration 2: [\d.]+ s, [\d,]+ steps/s$", output, re.MULTILINE)
+    seconds = {}
+    for phase, part, value, share in re.findall(
+        r"^\| (rollout|update) \| ([^|]+) \| ([\d.]+) \| (\d+)% \|$", output, re.MULTILINE
+    ):
+        seconds[phase, part.strip()] = float(value)
+    rollout_parts = ["envs", "encoder", "transformer", "heads", "standardising new slots", "the rest"]
+    update_parts = ["encoder forward", "transformer", "heads", "encoder backward", "gradient clipping and optimizer step"]
+    update_parts.append("the rest: the transformer's and heads' backward, losses, GAE")
+    assert set(seconds) == {("rollout", part) for part in rollout_parts + ["total"]} | {
+        ("update", part) for part in update_parts + ["total"]
+    }
+    for phase, parts in (("rollout", rollout_parts), ("update", update_parts)):
+        assert sum(seconds[phase, part] for part in parts) == pytest.approx(seconds[phase, "total"], abs=0.004)
+    # an image config: the envs and both directions of the encoder take measurable time
+    assert min(seconds["rollout", "envs"], seconds["update", "encoder forward"], seconds["update", "encoder backward"]) > 0
+
+
+def test_phases_rejects_compile():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark" / "phases.py"), "pom", "--", "--compile"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.strip().endswith(
+        "--compile is not supported: its compiled graphs hide the parts that are timed here"
+    )

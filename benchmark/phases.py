@@ -1,0 +1,240 @@
+"""Where a training iteration's time goes: the rollout's envs, encoder, transformer and heads, and the update's
+encoder, forward and backward, against everything else. Timed in one process on the trainer's own functions.
+
+    python benchmark/phases.py                     # mmgrid: MortarMayhem-Grid-v0, 8 envs x 128 steps, 4 minibatches
+    python benchmark/phases.py minigrid --iterations 6
+    python benchmark/phases.py mmgrid -- --encoder-dtype bfloat16   # trainer flags on top of the config's
+
+The configs are benchmark/throughput.py's. Each iteration runs as the trainer runs it: collect_rollout on the
+real envs, the advantages (compute_gae), then update_epochs passes over the minibatches, each through evaluate,
+a clipped PPO loss, backward, gradient clipping and the fused AdamW step on the flat parameters. The loss is
+written out here, as the trainer's main loop has it inline; it is a few operations on a minibatch's numbers, and
+the learning rate and entropy coefficient stay at their initial values.
+--compile is not supported: its compiled graphs hide the parts that are timed here.
+
+How the parts are timed (wall clock; on a GPU every mark waits for the GPU first):
+- the rollout: the envs' step, Agent.encode, the transformer, the heads (policy_and_value) and the timeline's
+  standardising of new slots, each wrapped with a timer; "the rest" is what remains of collect_rollout
+  (buffer writes, host transfers, the bootstrap step's remainder);
+- the update's encoder forward: Agent.encode, wrapped;
+- the update's encoder backward: from the moment the loss's gradient reaches the encoder's output to the moment it
+  reaches what Agent.forward computed before encoding (tensor hooks): the attention's maps, and with a learned
+  encoding the standardised window. Autograd takes the encoder's operations in between;
+- the update's transformer and heads: their forward passes, wrapped; "the rest" is what remains of the update:
+  their backward passes, the losses, the advantages and the minibatches' gathering (with a reconstruction head
+  also the decoder, and with a learned encoding the standardising of the windows);
+- the gradient clipping and the optimizer step, together.
+The first iteration (start-up, first calls) is left out of the averages.
+"""
+
+import argparse
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import tyro
+
+BENCHMARK = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [BENCHMARK, os.path.dirname(BENCHMARK)]
+import throughput  # noqa: E402
+
+import ppo_trxl  # noqa: E402
+
+ROLLOUT_PARTS = ("envs", "encoder", "transformer", "heads", "standardising new slots")
+OPTIMIZER = "gradient clipping and optimizer step"
+UPDATE_PARTS = ("encoder forward", "transformer", "heads", "encoder backward")
+
+
+class Clock:
+    """Seconds spent in named parts, summed; on CUDA each mark waits for the GPU's queued work."""
+
+    def __init__(self, device):
+        self.seconds = defaultdict(float)
+        self.cuda = device.type == "cuda"
+        self.phase = "rollout"
+        self.marks = defaultdict(list)  # the times at which backward reached marked tensors
+
+    def mark(self, tensor, name):
+        """Records the time at which backward reaches tensor, under name."""
+        tensor.register_hook(lambda grad: self.marks[name].append(self.now()))
+
+    def now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextmanager
+    def timing(self, part):
+        start = self.now()
+        yield
+        self.seconds[self.phase, part] += self.now() - start
+
+    def timed(self, part, function):
+        """function, timed under part of the current phase whenever it is called."""
+
+        def timed_function(*args, **kwargs):
+            with self.timing(part):
+                return function(*args, **kwargs)
+
+        return timed_function
+
+
+def ppo_loss(args, new_logprob, entropy, new_value, logprobs, advantages, returns, values):
+    """The trainer's PPO loss on one minibatch (flattened samples), with the initial entropy coefficient."""
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    ratio = (new_logprob - logprobs).exp()
+    surrogate = advantages.unsqueeze(1) * ratio
+    clipped = advantages.unsqueeze(1) * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = -torch.min(surrogate, clipped).mean()
+    v_loss = (new_value - returns) ** 2
+    if args.clip_vloss:
+        v_clipped = values + (new_value - values).clamp(-args.clip_coef, args.clip_coef)
+        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
+    return pg_loss - args.init_ent_coef * entropy.mean() + args.vf_coef * 0.5 * v_loss.mean()
+
+
+def iterate(args, agent, envs, rollout, parameters, optimizer, clock, state):
+    """One training iteration, timed by clock; state = (next_obs, next_episode_steps), returned advanced."""
+    clock.phase = "rollout"
+    with clock.timing("total"):
+        next_obs, next_episode_steps, next_value, _ = ppo_trxl.collect_rollout(agent, envs, rollout, *state)
+    clock.phase = "update"
+    with clock.timing("total"):
+        advantages = ppo_trxl.compute_gae(
+            rollout.rewards,
+            rollout.values,
+            rollout.episode_starts(),
+            next_value,
+            next_episode_steps == 0,
+            args.gamma,
+            args.gae_lambda,
+        )
+        returns = advantages + rollout.values
+        for _ in range(args.update_epochs):
+            for mb in ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, rollout.obs.device):
+                mb_obs = ppo_trxl.take(rollout.obs, mb)
+                new_logprob, entropy, new_value, hidden = ppo_trxl.evaluate(
+                    agent, rollout.timeline, mb, mb_obs, rollout.actions[mb]
+                )
+                loss = ppo_loss(
+                    args,
+                    new_logprob,
+                    entropy,
+                    new_value,
+                    rollout.logprobs[mb].flatten(0, 1),
+                    advantages[mb].flatten(),
+                    returns[mb].flatten(),
+                    rollout.values[mb].flatten(),
+                )
+                if args.reconstruction_coef > 0.0:
+                    target = mb_obs.flatten(0, 1).float() / 255.0
+                    loss = loss + args.reconstruction_coef * ((agent.reconstruct_observation(hidden) - target) ** 2).mean()
+                parameters.grad.zero_()
+                clock.marks.clear()
+                loss.backward()
+                clock.seconds["update", "encoder backward"] += min(clock.marks["before encoding"]) - clock.marks["encoder"][0]
+                with clock.timing(OPTIMIZER):
+                    torch.nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
+                    optimizer.step()
+    return next_obs, next_episode_steps
+
+
+def instrument(agent, envs, rollout, clock):
+    """Wraps the timed parts with clock's timers: on the instances, the trainer's code is unchanged."""
+    envs.step = clock.timed("envs", envs.step)
+    agent.transformer.forward = clock.timed("transformer", agent.transformer.forward)
+    agent.policy_and_value = clock.timed("heads", agent.policy_and_value)
+    rollout.timeline.standardise = clock.timed("standardising new slots", rollout.timeline.standardise)
+    encode, derive, standardise = agent.encode, agent.transformer.derive, agent.transformer.standardise
+
+    def timed_encode(obs):
+        with clock.timing("encoder" if clock.phase == "rollout" else "encoder forward"):
+            encoded = encode(obs)
+        if encoded.requires_grad:  # in the update
+            clock.mark(encoded, "encoder")
+        return encoded
+
+    def marked_derive(*args):
+        derived = derive(*args)
+        if derived.slot_to_out.requires_grad:
+            for name in ("query_to_slot", "head_scale", "slot_to_out", "out_bias"):
+                clock.mark(getattr(derived, name), "before encoding")
+        return derived
+
+    def marked_standardise(*args):
+        slots = standardise(*args)
+        if slots.requires_grad:  # a learned encoding, in the update
+            clock.mark(slots, "before encoding")
+        return slots
+
+    agent.encode, agent.transformer.derive, agent.transformer.standardise = timed_encode, marked_derive, marked_standardise
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default="mmgrid", help=f"one of {', '.join(throughput.CONFIGS)} (default mmgrid)")
+    parser.add_argument("--iterations", type=int, default=4, help="training iterations, the first left out (default 4)")
+    parser.add_argument("--cuda", action="store_true", help="on the GPU (the trainer's --cuda)")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)  # the trainer's flags follow --
+    options, extra = parser.parse_args(argv[:split]), argv[split + 1 :]
+    if options.config not in throughput.CONFIGS:
+        parser.error(f"unknown config {options.config}: choose from {', '.join(throughput.CONFIGS)}")
+    if options.iterations < 2:
+        parser.error("--iterations must be at least 2: the first one is left out")
+    config = throughput.CONFIGS[options.config]
+    args = tyro.cli(ppo_trxl.Args, args=throughput.trainer_flags(config, options.iterations, options.cuda, extra))
+    if args.compile:
+        parser.error("--compile is not supported: its compiled graphs hide the parts that are timed here")
+
+    ppo_trxl.keep_freed_memory()
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    envs, next_obs, observation_space, branches, limit = ppo_trxl.make_envs(args, "phases", args.seed)
+    agent = ppo_trxl.Agent(args, observation_space, branches, limit).to(device)
+    parameters = ppo_trxl.flatten_parameters(agent)
+    optimizer = torch.optim.AdamW([parameters], lr=args.init_lr, fused=True)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(branches), min(args.trxl_memory_length, limit), device)
+    clock = Clock(device)
+    instrument(agent, envs, rollout, clock)
+    state = torch.as_tensor(next_obs, device=device), torch.zeros(args.num_envs, dtype=torch.long, device=device)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, device {device}")
+    print(f"{config.description} {' '.join(extra)}: {args.batch_size:,} steps an iteration", flush=True)
+    per_iteration = []
+    for iteration in range(1, options.iterations + 1):
+        clock.seconds.clear()
+        state = iterate(args, agent, envs, rollout, parameters, optimizer, clock, state)
+        per_iteration.append(dict(clock.seconds))
+        total = clock.seconds["rollout", "total"] + clock.seconds["update", "total"]
+        print(f"iteration {iteration}: {total:.3f} s, {args.batch_size / total:,.0f} steps/s", flush=True)
+    envs.close()
+
+    measured = per_iteration[1:]
+    mean = defaultdict(float)  # a part that was never called took no time
+    for seconds in measured:
+        for key, value in seconds.items():
+            mean[key] += value / len(measured)
+    total = mean["rollout", "total"] + mean["update", "total"]
+    rows = [("rollout", part, mean["rollout", part]) for part in ROLLOUT_PARTS]
+    rows.append(("rollout", "the rest", mean["rollout", "total"] - sum(seconds for *_, seconds in rows)))
+    rows += [("update", part, mean["update", part]) for part in UPDATE_PARTS + (OPTIMIZER,)]
+    rest = mean["update", "total"] - sum(seconds for phase, _, seconds in rows if phase == "update")
+    rows.append(("update", "the rest: the transformer's and heads' backward, losses, GAE", rest))
+    print(
+        f"\nMean over iterations 2-{options.iterations}: {total:.3f} s an iteration, {args.batch_size / total:,.0f} steps/s\n"
+    )
+    print("| phase | part | seconds an iteration | share |")
+    print("| --- | --- | --- | --- |")
+    for phase, part, seconds in rows:
+        print(f"| {phase} | {part} | {seconds:.3f} | {seconds / total:.0%} |")
+    for phase in ("rollout", "update"):
+        print(f"| {phase} | total | {mean[phase, 'total']:.3f} | {mean[phase, 'total'] / total:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
