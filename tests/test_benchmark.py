@@ -303,8 +303,9 @@ def test_phases_splits_an_image_iteration_into_its_parts():
     }
     for phase, parts in (("rollout", rollout_parts), ("update", update_parts)):
         assert sum(seconds[phase, part] for part in parts) == pytest.approx(seconds[phase, "total"], abs=0.004)
-    # an image config: the envs and both directions of the encoder take measurable time
-    assert min(seconds["rollout", "envs"], seconds["update", "encoder forward"], seconds["update", "encoder backward"]) > 0
+    # every wrapped part was timed: an image config's envs, encoder (both directions) and transformer take measurable time
+    timed = [("rollout", "envs"), ("rollout", "encoder"), ("rollout", "transformer")]
+    assert min(seconds[key] for key in timed + [("update", "encoder forward"), ("update", "encoder backward")]) > 0
 
 
 def test_phases_rejects_compile():
