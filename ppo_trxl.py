@@ -590,10 +590,11 @@ class Transformer(nn.Module):
 
     def fresh_slots(self, memory_length, device):
         """(L, H, h): each layer's mean standardised slot over the window of a fresh episode, whose memory is zero
-        (without an encoding, zero)."""
+        (without an encoding, zero). Standardising is the same for every layer: computed once, shared by all."""
         steps = torch.arange(memory_length, device=device).unsqueeze(0)  # (1, M)
-        zeros = torch.zeros((1, memory_length, len(self.transformer_layers), self.dim), device=device)
-        return self.standardise(zeros, steps).mean(-2).squeeze(1)  # (L, 1, H, M, h) -> (L, H, h)
+        zeros = torch.zeros((1, memory_length, 1, self.dim), device=device)  # one layer's zero memory
+        fresh_slot = self.standardise(zeros, steps).mean(-2).squeeze(1)  # (1, 1, H, M, h) -> (1, H, h)
+        return fresh_slot.expand(len(self.transformer_layers), -1, -1)
 
     def derive(self, memory_length=None):
         """The Derived of the current parameters; without memory_length no fresh slots (a query that may attend

@@ -179,9 +179,8 @@ def main():
     parser.add_argument("config", nargs="?", default="mmgrid", help=f"one of {', '.join(throughput.CONFIGS)} (default mmgrid)")
     parser.add_argument("--iterations", type=int, default=4, help="training iterations, the first left out (default 4)")
     parser.add_argument("--cuda", action="store_true", help="on the GPU (the trainer's --cuda)")
-    argv = sys.argv[1:]
-    split = argv.index("--") if "--" in argv else len(argv)  # the trainer's flags follow --
-    options, extra = parser.parse_args(argv[:split]), argv[split + 1 :]
+    own, extra = throughput.split_at_dashes(sys.argv[1:])
+    options = parser.parse_args(own)
     if options.config not in throughput.CONFIGS:
         parser.error(f"unknown config {options.config}: choose from {', '.join(throughput.CONFIGS)}")
     if options.iterations < 2:
@@ -205,20 +204,17 @@ def main():
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, device {device}")
     print(f"{config.description} {' '.join(extra)}: {args.batch_size:,} steps an iteration", flush=True)
-    per_iteration = []
+    mean = defaultdict(float)  # over the iterations after the first; a part never called took no time
     for iteration in range(1, options.iterations + 1):
         clock.seconds.clear()
         state = iterate(args, agent, envs, rollout, parameters, optimizer, clock, state)
-        per_iteration.append(dict(clock.seconds))
         total = clock.seconds["rollout", "total"] + clock.seconds["update", "total"]
         print(f"iteration {iteration}: {total:.3f} s, {args.batch_size / total:,.0f} steps/s", flush=True)
+        if iteration > 1:
+            for key, seconds in clock.seconds.items():
+                mean[key] += seconds / (options.iterations - 1)
     envs.close()
 
-    measured = per_iteration[1:]
-    mean = defaultdict(float)  # a part that was never called took no time
-    for seconds in measured:
-        for key, value in seconds.items():
-            mean[key] += value / len(measured)
     total = mean["rollout", "total"] + mean["update", "total"]
     rows = [("rollout", part, mean["rollout", part]) for part in ROLLOUT_PARTS]
     rows.append(("rollout", "the rest", mean["rollout", "total"] - sum(seconds for *_, seconds in rows)))

@@ -117,6 +117,12 @@ def trainer_flags(config, iterations, cuda, extra=()):
     return flags + ["--total-timesteps", str(iterations * batch_size)]
 
 
+def split_at_dashes(argv):
+    """argv -> (the benchmark's own arguments, the trainer flags that follow --)."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    return argv[:split], argv[split + 1 :]
+
+
 def measure(flags):
     """Runs the trainer with flags in a child, echoing its iteration lines; returns them as
     [(arrival time, step, SPS)], its peak RSS in bytes and its peak GPU memory (allocated, reserved) or None."""
@@ -159,9 +165,8 @@ def main():
     parser.add_argument("configs", nargs="*", help=f"which of {', '.join(CONFIGS)} (default: all but endless)")
     parser.add_argument("--iterations", type=int, help="training iterations per configuration (at least 2; default 4, pom 12)")
     parser.add_argument("--cuda", action="store_true", help="train on the GPU (the trainer's --cuda)")
-    argv = sys.argv[1:]
-    split = argv.index("--") if "--" in argv else len(argv)  # the trainer's flags follow --
-    args, extra = parser.parse_args(argv[:split]), argv[split + 1 :]
+    own, extra = split_at_dashes(sys.argv[1:])
+    args = parser.parse_args(own)
     if args.iterations is not None and args.iterations < 2:
         parser.error("--iterations must be at least 2: the first one is left out of steps/s")
     unknown = [name for name in args.configs if name not in CONFIGS]
