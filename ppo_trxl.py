@@ -484,20 +484,21 @@ class MultiHeadAttention(nn.Module):
         self.fc_out = nn.Linear(dim, dim)
 
     @staticmethod
-    def combined_maps(queries, keys, values, fc_out, fc_bias, kv_scale, kv_shift):
+    def combined_maps(queries, keys, values, fc_out_t, fc_bias, kv_scale, kv_shift):
         """The combined maps of L layers from their stacked parameters: queries, keys, values (L, h, h),
-        fc_out (L, D, D), fc_bias (L, D) and norm_kv's kv_scale, kv_shift (L, D).
+        fc_out_t (L, D, D) the transposed fc_out weights W_fc_out^T, fc_bias (L, D) and norm_kv's kv_scale, kv_shift (L, D).
 
         query_to_slot (L, h, h): W_queries^T W_keys / sqrt(D), shared by the heads; head_scale (L, H, 1, h): kv_scale
         cut into heads, which a head's mapped queries take on; slot_to_out (L, D, D): fc_out of every head's values,
-        block k W_fc_out[:, block k] @ W_values, its columns scaled by kv_scale; out_bias (L, D): fc_bias plus the
-        same map, unscaled, of kv_shift."""
-        num_layers, dim, head_size = values.shape[0], fc_out.shape[-1], values.shape[-1]
-        query_to_slot = queries.transpose(-2, -1) @ keys / dim**0.5
-        values_out = (fc_out.view(num_layers, -1, head_size) @ values).view(num_layers, dim, dim)
-        out_bias = torch.baddbmm(fc_bias.unsqueeze(-1), values_out, kv_shift.unsqueeze(-1)).squeeze(-1)
+        block k W_fc_out[:, block k] @ W_values, its columns scaled by kv_scale, input-major in memory like the
+        Linear weights (see Agent); out_bias (L, D): fc_bias plus the same map, unscaled, of kv_shift."""
+        num_layers, dim, head_size = values.shape[0], fc_out_t.shape[-1], values.shape[-1]
+        query_to_slot = queries.mT @ keys / dim**0.5
+        # the transposed map (L, D_in, D_out): head k's rows are W_values^T @ W_fc_out^T's rows of head k
+        values_out_t = (values.mT.unsqueeze(1) @ fc_out_t.view(num_layers, -1, head_size, dim)).view(num_layers, dim, dim)
+        out_bias = torch.baddbmm(fc_bias.unsqueeze(1), kv_shift.unsqueeze(1), values_out_t).squeeze(1)
         head_scale = kv_scale.view(num_layers, -1, 1, head_size)
-        return query_to_slot, head_scale, values_out * kv_scale.unsqueeze(-2), out_bias
+        return query_to_slot, head_scale, (values_out_t * kv_scale.unsqueeze(-1)).mT, out_bias
 
     def forward(self, query, slots, mask, maps, fresh=None, need_weights=False):
         """query (N, S, D) normalised; slots (N, H, P, h) the standardised memory split into heads;
@@ -518,6 +519,14 @@ class MultiHeadAttention(nn.Module):
             has_slot, fresh_slot = fresh
             attended = torch.where(has_slot, attended, fresh_slot)
         return F.linear(attended.flatten(-2), slot_to_out, out_bias), weights
+
+
+class PixelConv2d(nn.Conv2d):
+    """A Conv2d over pixel values 0-255 that computes what its weights compute on pixels scaled to [0, 1]: it scales
+    its weights by 1/255, which spares a pass over every image."""
+
+    def forward(self, pixels):
+        return self._conv_forward(pixels, self.weight / 255.0, self.bias)
 
 
 class TransformerLayer(nn.Module):
@@ -573,14 +582,14 @@ class Transformer(nn.Module):
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
     def standardise(self, memory, steps):
-        """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> (L, N, H, P, h), what each layer
+        """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> (N, P, L, D), what each layer
         attends to: its input plus the positional encoding of the slot's episode step, layer-normalised without
         norm_kv's affine, which the attention's maps hold (see MultiHeadAttention). All layers at once."""
         memory = memory.float()
         if self.positional_encoding:
             memory = memory + self.positions(steps).unsqueeze(-2)
         eps = self.transformer_layers[0].norm_kv.eps  # LayerNorm's default, the same for every layer
-        return F.layer_norm(memory, memory.shape[-1:], eps=eps).unflatten(-1, (self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        return F.layer_norm(memory, memory.shape[-1:], eps=eps)
 
     @property
     def learns_positions(self):
@@ -593,7 +602,7 @@ class Transformer(nn.Module):
         (without an encoding, zero). Standardising is the same for every layer: computed once, shared by all."""
         steps = torch.arange(memory_length, device=device).unsqueeze(0)  # (1, M)
         zeros = torch.zeros((1, memory_length, 1, self.dim), device=device)  # one layer's zero memory
-        fresh_slot = self.standardise(zeros, steps).mean(-2).squeeze(1)  # (1, 1, H, M, h) -> (1, H, h)
+        fresh_slot = self.standardise(zeros, steps).mean(1).view(1, self.num_heads, -1)  # (1, M, 1, D) -> (1, H, h)
         return fresh_slot.expand(len(self.transformer_layers), -1, -1)
 
     def derive(self, memory_length=None):
@@ -608,7 +617,7 @@ class Transformer(nn.Module):
             stacked(lambda layer: layer.attention.queries.weight),
             stacked(lambda layer: layer.attention.keys.weight),
             stacked(lambda layer: layer.attention.values.weight),
-            stacked(lambda layer: layer.attention.fc_out.weight),
+            stacked(lambda layer: layer.attention.fc_out.weight.mT),
             stacked(lambda layer: layer.attention.fc_out.bias),
             stacked(lambda layer: layer.norm_kv.weight),
             stacked(lambda layer: layer.norm_kv.bias),
@@ -617,7 +626,7 @@ class Transformer(nn.Module):
         return Derived(query_to_slot, head_scale, slot_to_out, out_bias, fresh_slots)
 
     def forward(self, x, slots, allowed, derived, need_weights=False):
-        """x (N, S, D) queries; slots (L, N, H, P, h) standardised memory; allowed (N, S, P) bool; derived: derive().
+        """x (N, S, D) queries; slots (N, P, L, D) standardised memory; allowed (N, S, P) bool; derived: derive().
 
         Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
         and with need_weights every layer's attention weights [(N, H, S, P)] * L (else [None] * L).
@@ -627,9 +636,10 @@ class Transformer(nn.Module):
         maps = zip(
             *(part.unbind(0) for part in (derived.query_to_slot, derived.head_scale, derived.slot_to_out, derived.out_bias))
         )
-        fresh_slots = [None] * len(slots) if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
+        fresh_slots = [None] * len(self.transformer_layers) if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
+        heads_slots = slots.unflatten(-1, (self.num_heads, -1)).transpose(1, 3).unbind(2)  # [(N, H, P, h)] * L
         layer_inputs, weights = [], []
-        for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, slots.unbind(0), maps, fresh_slots):
+        for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, heads_slots, maps, fresh_slots):
             layer_inputs.append(x.detach())
             fresh = None if fresh_slot is None else (has_slot, fresh_slot)
             x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh, need_weights)
@@ -646,17 +656,19 @@ class Agent(nn.Module):
         self.encoder_dtype = getattr(torch, getattr(args, "encoder_dtype", "float32"))  # published args lack it
         if len(self.obs_shape) > 1:
             self.encoder = nn.Sequential(
-                layer_init(nn.Conv2d(3, 32, 8, stride=4)),
+                layer_init(PixelConv2d(3, 32, 8, stride=4)),
                 nn.ReLU(inplace=True),
                 layer_init(nn.Conv2d(32, 64, 4, stride=2)),
                 nn.ReLU(inplace=True),
                 layer_init(nn.Conv2d(64, 64, 3, stride=1)),
-                nn.ReLU(inplace=True),
                 nn.Flatten(),
+                nn.ReLU(inplace=True),
                 layer_init(nn.Linear(64 * 7 * 7, dim)),
                 nn.ReLU(inplace=True),
             )
-            # the images arrive channels-last (see encode): kernels in that layout are not reordered on every call
+            # the images arrive channels-last (see encode): kernels in that layout are not reordered on every call.
+            # The third ReLU follows the flatten (the same values): its backward then meets the gradient in the
+            # gradient's own layout, not the channels-last one, which is several times slower
             self.encoder.to(memory_format=torch.channels_last)
         else:
             self.encoder = layer_init(nn.Linear(self.obs_shape[0], dim))
@@ -678,16 +690,22 @@ class Agent(nn.Module):
                 layer_init(nn.ConvTranspose2d(32, 3, 8, stride=4)),
                 nn.Sigmoid(),
             )
+        # Every Linear weight (out, in) lies input-major in memory: its transpose W^T, which x @ W^T multiplies by, is
+        # contiguous. The BLAS multiplies a rollout step's small batch by it about twice as fast; large batches alike
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.data = module.weight.data.t().contiguous().t()
 
     def autocast(self, device):
         """Mixed precision in encoder_dtype for the convolutional parts; off in float32."""
         return torch.autocast(device.type, self.encoder_dtype, enabled=self.encoder_dtype != torch.float32)
 
     def encode(self, obs):
-        # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D) float32; an image's (B, 3, 84, 84) view is channels-last
+        # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D) float32; an image's (B, 3, 84, 84) view is channels-last,
+        # its pixels 0-255 (PixelConv2d scales its weights instead)
         with self.autocast(obs.device):
             if len(self.obs_shape) > 1:
-                obs = obs.to(self.encoder_dtype).div_(255.0).permute(0, 3, 1, 2)
+                obs = obs.to(self.encoder_dtype).permute(0, 3, 1, 2)
             return self.encoder(obs).float()
 
     def policy_and_value(self, trxl_out, action=None):
@@ -735,8 +753,8 @@ class Agent(nn.Module):
     def forward(self, obs, actions, window, steps, memory_length):
         """The update's pass over G chunks of Q consecutive steps, each with the C = memory_length - 1 slots
         before it: obs (G, Q, *obs_shape), actions (G, Q, branches), steps (G, C+Q) the slots' episode steps,
-        and window the slots: standardised (L, G, H, C+Q, h), or with a learned encoding the cached layer inputs
-        (G, C+Q, L, D), standardised here, where the encoding's gradient flows. Every step attends to its band
+        and window the slots (G, C+Q, L, D): standardised, or with a learned encoding the cached layer inputs,
+        standardised here, where the encoding's gradient flows. Every step attends to its band
         inside its chunk's window:
 
             slots    [0 ........ C) [C ........ C+Q)
@@ -767,7 +785,7 @@ class Timeline:
                previous rollout | this rollout: step s at slot C + s
     """
 
-    def __init__(self, num_envs, num_steps, memory_length, num_layers, num_heads, dim, dtype, device):
+    def __init__(self, num_envs, num_steps, memory_length, num_layers, dim, dtype, device):
         self.context = memory_length - 1
         self.memory_length = memory_length
         # (C,): how many slots each slot of a rollout step's window lies before the step (band_mask's ages)
@@ -775,20 +793,20 @@ class Timeline:
         slots = self.context + num_steps
         self.memory = torch.zeros((num_envs, slots, num_layers, dim), dtype=dtype, device=device)  # (E, C+S, L, D)
         self.steps = torch.zeros((num_envs, slots), dtype=torch.long, device=device)  # (E, C+S) episode steps
-        # the standardised memory (Transformer.standardise) that the rollout attends to: (L, E, H, C+S, h)
-        self.standardised = torch.zeros((num_layers, num_envs, num_heads, slots, dim // num_heads), device=device)
+        # the standardised memory (Transformer.standardise) that the rollout attends to: (E, C+S, L, D)
+        self.standardised = torch.zeros((num_envs, slots, num_layers, dim), device=device)
 
     def carry_over(self):
         """Moves the last C steps, standardised as they are, to the front, making room for the next rollout."""
         if self.context > 0:
             self.memory[:, : self.context] = self.memory[:, -self.context :].clone()
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
-            self.standardised[..., : self.context, :] = self.standardised[..., -self.context :, :].clone()
+            self.standardised[:, : self.context] = self.standardised[:, -self.context :].clone()
 
     @torch.inference_mode()
     def standardise(self, transformer, slots):
         """Standardises the slots (a slice) with the transformer's current positional encoding."""
-        self.standardised[..., slots, :] = transformer.standardise(self.memory[:, slots], self.steps[:, slots])
+        self.standardised[:, slots] = transformer.standardise(self.memory[:, slots], self.steps[:, slots])
 
 
 @torch.inference_mode()
@@ -797,7 +815,7 @@ def rollout_step(agent, timeline, derived, obs, episode_steps, s):
     whose slots the timeline has standardised; derived: the transformer's derive(memory_length).
     Returns action, log-probs, value, and every layer's input (E, L, D) to cache at slot C + s."""
     context = timeline.context
-    window = timeline.standardised[..., s : s + context, :]  # (L, E, H, C, h); the query sits at slot C
+    window = timeline.standardised[:, s : s + context]  # (E, C, L, D); the query sits at slot C
     allowed = band_mask(timeline.window_ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
     out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, derived)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
@@ -822,9 +840,7 @@ class Rollout:
         self.rewards = torch.zeros((E, S), device=device)
         self.values = torch.zeros((E, S), device=device)
         memory_dtype = getattr(torch, args.memory_dtype)
-        self.timeline = Timeline(
-            E, S, memory_length, args.trxl_num_layers, args.trxl_num_heads, args.trxl_dim, memory_dtype, device
-        )
+        self.timeline = Timeline(E, S, memory_length, args.trxl_num_layers, args.trxl_dim, memory_dtype, device)
 
     def episode_starts(self):
         """(E, S) bool: which samples are the first step of an episode."""
@@ -901,7 +917,7 @@ def minibatches(num_envs, num_steps, num_minibatches, device):
 
 def take(buffer, chunks):
     """buffer (E, S, ...)[chunks] -> (G, Q, ...) for chunks = (env rows (G, 1), steps (G, Q)), as whole rows copied
-    by index_select: for images several times faster than indexing, which copies element by element."""
+    by index_select: for images and memory windows several times faster than indexing, which copies element by element."""
     rows, steps = chunks
     samples = (rows * buffer.shape[1] + steps).flatten()
     return buffer.flatten(0, 1).index_select(0, samples).view(*steps.shape, *buffer.shape[2:])
@@ -913,11 +929,9 @@ def evaluate(agent, timeline, chunks, obs, actions):
     agent may be wrapped: DistributedDataParallel keeps it as .module, torch.compile passes attributes through."""
     rows, steps = chunks
     slots = steps[:, :1] + torch.arange(timeline.context + steps.shape[1], device=steps.device)  # (G, C+Q)
-    if getattr(agent, "module", agent).transformer.learns_positions:
-        window = timeline.memory[rows, slots]  # (G, C+Q, L, D)
-    else:
-        window = timeline.standardised[:, rows, :, slots].permute(2, 0, 3, 1, 4)  # (G, C+Q, L, H, h) -> (L, G, H, C+Q, h)
-    return agent(obs, actions, window, timeline.steps[rows, slots], timeline.memory_length)
+    learns_positions = getattr(agent, "module", agent).transformer.learns_positions
+    window = take(timeline.memory if learns_positions else timeline.standardised, (rows, slots))  # (G, C+Q, L, D)
+    return agent(obs, actions, window, take(timeline.steps, (rows, slots)), timeline.memory_length)
 
 
 def save_atomically(obj, path):

@@ -178,7 +178,7 @@ def main():
     mb = next(ppo_trxl.minibatches(E, S, args.num_minibatches, torch.device("cpu")))
     queries = mb[1].shape[1]
     memory_dtype = getattr(torch, args.memory_dtype)
-    timeline = ppo_trxl.Timeline(E, S, memory_length, L, args.trxl_num_heads, D, memory_dtype, "cpu")
+    timeline = ppo_trxl.Timeline(E, S, memory_length, L, D, memory_dtype, "cpu")
     timeline.memory.copy_(torch.randn(timeline.memory.shape))
     timeline.steps.copy_(limit + torch.arange(timeline.steps.shape[1]))
     timeline.standardise(agent.transformer, slice(None))

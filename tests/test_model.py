@@ -104,9 +104,7 @@ def test_trainer_paths_replay_the_golden_episode(golden):
     episode = golden["rollout"]
     args = types.SimpleNamespace(**golden["checkpoint"]["args"])
     length = episode["obs"].shape[0]
-    timeline = ppo_trxl.Timeline(
-        1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_num_heads, args.trxl_dim, torch.float32, "cpu"
-    )
+    timeline = ppo_trxl.Timeline(1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, torch.float32, "cpu")
     context, memory_length = timeline.context, timeline.memory_length
     derived = agent.transformer.derive(memory_length)
     values = []
@@ -243,6 +241,29 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3, dict(torch._dynamo.utils.counters["stats"])
 
 
+@torch.no_grad()
+def test_image_encoder_matches_the_published_encoder():
+    """Agent.encode takes the pixels as they are (0-255), scales conv1's weights instead of the images, and applies
+    the last convolution's ReLU after the flatten: from the same state_dict it computes what the published encoder
+    computes on the images scaled to [0, 1]."""
+    torch.manual_seed(0)
+    agent = ppo_trxl.Agent(ppo_trxl.Args(trxl_dim=32), gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), (4,), 119)
+    published = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 8, stride=4),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 4, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 64, 3, stride=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64 * 7 * 7, 32),
+        torch.nn.ReLU(),
+    )
+    published.load_state_dict(agent.encoder.state_dict(), strict=True)
+    obs = torch.randint(0, 256, (5, 84, 84, 3), dtype=torch.uint8)
+    torch.testing.assert_close(agent.encode(obs), published(obs.permute(0, 3, 1, 2).float() / 255.0), **TOLERANCE)
+
+
 def test_bfloat16_encoder_is_mixed_precision():
     """--encoder-dtype bfloat16 runs the encoder and the reconstruction decoder in bfloat16 and hands float32 on:
     close to float32 but not equal to it, with float32 parameters and gradients."""
@@ -287,7 +308,7 @@ def test_minibatches_deal_a_random_chunk_of_every_env():
 
 def test_flat_parameters_train_like_separate_ones():
     """After flatten_parameters every parameter is a view of the flat one in its own memory layout (the image
-    encoder's kernels stay channels-last), backward fills the flat gradient, and an AdamW step on the flat
+    encoder's kernels stay channels-last, the Linear weights input-major), backward fills the flat gradient, and an AdamW step on the flat
     parameter moves every parameter as AdamW over the separate parameters does. The state_dict is unchanged."""
     torch.manual_seed(0)
     args = ppo_trxl.Args(trxl_dim=32, trxl_num_heads=2, trxl_num_layers=2, reconstruction_coef=0.1)
@@ -301,6 +322,7 @@ def test_flat_parameters_train_like_separate_ones():
         assert torch.equal(p, q) and p.stride() == q.stride(), name
         assert q.data_ptr() in span, name
     assert flattened.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(m.weight.mT.is_contiguous() for m in flattened.modules() if isinstance(m, torch.nn.Linear))  # input-major
 
     # the update's pass over 2 chunks of 3 steps, each with the 4 slots before it
     memory_length, chunks, steps = 5, 2, 3
