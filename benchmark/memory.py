@@ -211,7 +211,7 @@ def main():
     )
     rows = [
         (f"slots attended, layer {i}", layer_slots, tensor_bytes(layer_slots))
-        for i, layer_slots in enumerate(attention["slots"])
+        for i, layer_slots in enumerate(attention["slots"].unbind(2))  # (G, C+Q, L, D) -> [(G, C+Q, D)] * L
     ]
     rows += [("band (allowed)", attention["allowed"], tensor_bytes(attention["allowed"]))]
     rows += [("mask (all layers)", attention["mask"], tensor_bytes(attention["mask"]))]

@@ -281,6 +281,8 @@ def test_memory_prints_the_buffers_of_a_tiny_config():
     assert row_bytes("timeline.memory") == 4 * (7 + 32) * 1 * 32 * 2  # (E, C+S, L, D) in bfloat16
     assert row_bytes("timeline.steps") == 4 * (7 + 32) * 8
     assert row_bytes("one minibatch's episode copy") == 64 * 16 * 1 * 32 * 4
+    assert row_bytes("slots attended, layer 0") == 4 * (7 + 16) * 32 * 4  # a chunk's window of every env, one layer
+    assert "slots attended, layer 1" not in output
     assert row_bytes("transformer layer 0") > 0
     assert "peak during forward + backward" in output
 
