@@ -526,7 +526,7 @@ class PixelConv2d(nn.Conv2d):
     its weights by 1/255, which spares a pass over every image."""
 
     def forward(self, pixels):
-        return self._conv_forward(pixels, self.weight / 255.0, self.bias)
+        return F.conv2d(pixels, self.weight / 255.0, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class TransformerLayer(nn.Module):
@@ -637,9 +637,9 @@ class Transformer(nn.Module):
             *(part.unbind(0) for part in (derived.query_to_slot, derived.head_scale, derived.slot_to_out, derived.out_bias))
         )
         fresh_slots = [None] * len(self.transformer_layers) if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
-        heads_slots = slots.unflatten(-1, (self.num_heads, -1)).transpose(1, 3).unbind(2)  # [(N, H, P, h)] * L
+        slots = slots.unflatten(-1, (self.num_heads, -1)).transpose(1, 3)  # (N, P, L, H, h) -> (N, H, L, P, h)
         layer_inputs, weights = [], []
-        for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, heads_slots, maps, fresh_slots):
+        for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, slots.unbind(2), maps, fresh_slots):
             layer_inputs.append(x.detach())
             fresh = None if fresh_slot is None else (has_slot, fresh_slot)
             x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh, need_weights)
@@ -667,8 +667,8 @@ class Agent(nn.Module):
                 nn.ReLU(inplace=True),
             )
             # the images arrive channels-last (see encode): kernels in that layout are not reordered on every call.
-            # The third ReLU follows the flatten (the same values): its backward then meets the gradient in the
-            # gradient's own layout, not the channels-last one, which is several times slower
+            # The third ReLU follows the flatten (the same values): its backward then runs in one memory layout, not on
+            # a contiguous gradient against a channels-last output, which takes about three times as long per element
             self.encoder.to(memory_format=torch.channels_last)
         else:
             self.encoder = layer_init(nn.Linear(self.obs_shape[0], dim))
@@ -691,7 +691,7 @@ class Agent(nn.Module):
                 nn.Sigmoid(),
             )
         # Every Linear weight (out, in) lies input-major in memory: its transpose W^T, which x @ W^T multiplies by, is
-        # contiguous. The BLAS multiplies a rollout step's small batch by it about twice as fast; large batches alike
+        # contiguous. The BLAS multiplies a rollout step's small batch by it about twice as fast, and large ones as fast
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
