@@ -842,9 +842,11 @@ class Rollout:
         memory_dtype = getattr(torch, args.memory_dtype)
         self.timeline = Timeline(E, S, memory_length, args.trxl_num_layers, args.trxl_dim, memory_dtype, device)
 
-    def episode_starts(self):
-        """(E, S) bool: which samples are the first step of an episode."""
-        return self.timeline.steps[:, self.timeline.context :] == 0
+    def advantages(self, next_value, next_episode_steps, gamma, gae_lambda):
+        """The GAE advantages (E, S) of this rollout, bootstrapped with next_value (E,) of the observations that
+        follow it, at next_episode_steps (E,). A sample whose episode step is 0 begins an episode."""
+        episode_starts = self.timeline.steps[:, self.timeline.context :] == 0  # (E, S)
+        return compute_gae(self.rewards, self.values, episode_starts, next_value, next_episode_steps == 0, gamma, gae_lambda)
 
 
 def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_step=rollout_step):
@@ -1231,15 +1233,7 @@ if __name__ == "__main__":
             agent, envs, rollout, next_obs, next_episode_steps, policy_step
         )
         global_step += args.batch_size * world_size()
-        advantages = compute_gae(
-            rollout.rewards,
-            rollout.values,
-            rollout.episode_starts(),
-            next_value,
-            next_episode_steps == 0,
-            args.gamma,
-            args.gae_lambda,
-        )
+        advantages = rollout.advantages(next_value, next_episode_steps, args.gamma, args.gae_lambda)
         returns = advantages + rollout.values
 
         # Update: every minibatch holds a chunk of every env's steps, drawn at random

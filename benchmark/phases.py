@@ -6,7 +6,7 @@ encoder, forward and backward, against everything else. Timed in one process on 
     python benchmark/phases.py mmgrid -- --encoder-dtype bfloat16   # trainer flags on top of the config's
 
 The configs are benchmark/throughput.py's. Each iteration runs as the trainer runs it: collect_rollout on the
-real envs, the advantages (compute_gae), then update_epochs passes over the minibatches, each through evaluate,
+real envs, the advantages (Rollout.advantages), then update_epochs passes over the minibatches, each through evaluate,
 a clipped PPO loss, backward, gradient clipping and the fused AdamW step on the flat parameters. The loss is
 written out here, as the trainer's main loop has it inline; it is a few operations on a minibatch's numbers, and
 the learning rate and entropy coefficient stay at their initial values.
@@ -104,15 +104,7 @@ def iterate(args, agent, envs, rollout, parameters, optimizer, clock, state):
         next_obs, next_episode_steps, next_value, _ = ppo_trxl.collect_rollout(agent, envs, rollout, *state)
     clock.phase = "update"
     with clock.timing("total"):
-        advantages = ppo_trxl.compute_gae(
-            rollout.rewards,
-            rollout.values,
-            rollout.episode_starts(),
-            next_value,
-            next_episode_steps == 0,
-            args.gamma,
-            args.gae_lambda,
-        )
+        advantages = rollout.advantages(next_value, next_episode_steps, args.gamma, args.gae_lambda)
         returns = advantages + rollout.values
         for _ in range(args.update_epochs):
             for mb in ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, rollout.obs.device):
