@@ -469,9 +469,11 @@ class MultiHeadAttention(nn.Module):
     term of x alone, the same for every slot, which the softmax ignores; the weighted sum of
     values(shift + scale * z) is values(shift + scale * the weighted sum of z), the weights summing to 1.
     So the attention reads the standardised memory as it is. The query and key maps are combined into one
-    matrix, shared by the heads, whose outputs take on each head's slice of the scale; the scale, value and
-    output maps into another, and the shift into the output's bias. Every sample goes through two
-    projections instead of four.
+    matrix, shared by the heads, whose outputs take on each head's slice of the scale. The rollout, which
+    keeps its parameters for all its steps, also combines the scale, value and output maps into one, and the
+    shift into the output's bias: each of its steps goes through two projections instead of four. The update,
+    whose parameters change every minibatch, applies them in turn, which costs less than combining them and
+    differentiating the combination.
     """
 
     def __init__(self, dim, num_heads):
@@ -484,41 +486,49 @@ class MultiHeadAttention(nn.Module):
         self.fc_out = nn.Linear(dim, dim)
 
     @staticmethod
-    def combined_maps(queries, keys, values, fc_out_t, fc_bias, kv_scale, kv_shift):
-        """The combined maps of L layers from their stacked parameters: queries, keys, values (L, h, h),
+    def combined_output_maps(values, fc_out_t, fc_bias, kv_scale, kv_shift):
+        """The scale, value and output maps of L layers combined, from their stacked parameters: values (L, h, h),
         fc_out_t (L, D, D) the transposed fc_out weights W_fc_out^T, fc_bias (L, D) and norm_kv's kv_scale, kv_shift (L, D).
 
-        query_to_slot (L, h, h): W_queries^T W_keys / sqrt(D), shared by the heads; head_scale (L, H, 1, h): kv_scale
-        cut into heads, which a head's mapped queries take on; slot_to_out (L, D, D): fc_out of every head's values,
-        block k W_fc_out[:, block k] @ W_values, its columns scaled by kv_scale, input-major in memory like the
-        Linear weights (see Agent); out_bias (L, D): fc_bias plus the same map, unscaled, of kv_shift."""
+        Returns slot_to_out (L, D, D): fc_out of every head's values, block k W_fc_out[:, block k] @ W_values, its
+        columns scaled by kv_scale, input-major in memory like the Linear weights (see Agent); and out_bias (L, D):
+        fc_bias plus the same map, unscaled, of kv_shift."""
         num_layers, dim, head_size = values.shape[0], fc_out_t.shape[-1], values.shape[-1]
-        query_to_slot = queries.mT @ keys / dim**0.5
         # the transposed map (L, D_in, D_out): head k's rows are W_values^T @ W_fc_out^T's rows of head k
         values_out_t = (values.mT.unsqueeze(1) @ fc_out_t.view(num_layers, -1, head_size, dim)).view(num_layers, dim, dim)
         out_bias = torch.baddbmm(fc_bias.unsqueeze(1), kv_shift.unsqueeze(1), values_out_t).squeeze(1)
-        head_scale = kv_scale.view(num_layers, -1, 1, head_size)
-        return query_to_slot, head_scale, (values_out_t * kv_scale.unsqueeze(-1)).mT, out_bias
+        return (values_out_t * kv_scale.unsqueeze(-1)).mT, out_bias
 
-    def forward(self, query, slots, mask, maps, fresh=None, need_weights=False):
+    def forward(self, query, slots, mask, kv_affine, maps, fresh=None, explicit=False):
         """query (N, S, D) normalised; slots (N, H, P, h) the standardised memory split into heads;
-        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; maps: this layer's combined maps
-        (query_to_slot (h, h), head_scale (H, 1, h), slot_to_out (D, D), out_bias (D,)).
+        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; kv_affine: norm_kv's scale and shift (D,);
+        maps: this layer's query_to_slot (h, h), W_queries^T W_keys / sqrt(D), and its combined output maps
+        (slot_to_out (D, D), out_bias (D,)) or None (see Transformer.derive).
 
         A query without any allowed slot attends uniformly over all P slots, as the published model does
         at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
         the mean standardised slot of a fresh episode's window, whose slots hold zero memory.
-        Returns the output (N, S, D) and, with need_weights, the attention weights (N, H, S, P), else None.
+        explicit: compute the attention weights (N, H, S, P) and return them with the output (N, S, D); otherwise
+        a fused operation keeps no weights, and None is returned with the output. The update attends explicitly:
+        its backward then computes the slots' gradient only where they have one (a learned encoding), where the
+        fused one always computes it.
         """
-        query_to_slot, head_scale, slot_to_out, out_bias = maps
-        heads = (query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) @ query_to_slot) * head_scale  # (N, H, S, h)
-        # softmax(heads @ slots^T + mask) @ slots in one fused operation, which keeps no (N, H, S, P) scores
-        attended = F.scaled_dot_product_attention(heads, slots, slots, attn_mask=mask, scale=1.0).transpose(1, 2)
-        weights = torch.softmax(heads @ slots.transpose(-2, -1) + mask, dim=-1) if need_weights else None
+        query_to_slot, output_maps = maps
+        kv_scale, kv_shift = (part.view(self.num_heads, -1) for part in kv_affine)  # (H, h)
+        heads = query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) @ query_to_slot * kv_scale.unsqueeze(1)
+        if explicit:  # heads (N, H, S, h)
+            weights = torch.softmax(heads @ slots.transpose(-2, -1) + mask, dim=-1)
+            attended = weights @ slots
+        else:  # softmax(heads @ slots^T + mask) @ slots in one fused operation
+            weights = None
+            attended = F.scaled_dot_product_attention(heads, slots, slots, attn_mask=mask, scale=1.0)
+        attended = attended.transpose(1, 2)  # (N, S, H, h)
         if fresh is not None:
             has_slot, fresh_slot = fresh
             attended = torch.where(has_slot, attended, fresh_slot)
-        return F.linear(attended.flatten(-2), slot_to_out, out_bias), weights
+        if output_maps is None:
+            return self.fc_out(self.values(torch.addcmul(kv_shift, attended, kv_scale)).flatten(-2)), weights
+        return F.linear(attended.flatten(-2), *output_maps), weights
 
 
 class PixelConv2d(nn.Conv2d):
@@ -540,8 +550,9 @@ class TransformerLayer(nn.Module):
         self.layer_norm_attn = nn.LayerNorm(dim)
         self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
 
-    def forward(self, x, slots, mask, maps, fresh=None, need_weights=False):
-        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, maps, fresh, need_weights)
+    def forward(self, x, slots, mask, maps, fresh=None, explicit=False):
+        kv_affine = self.norm_kv.weight, self.norm_kv.bias
+        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, kv_affine, maps, fresh, explicit)
         x = x + attended
         return x + self.fc_projection(self.layer_norm_attn(x)), weights
 
@@ -551,13 +562,10 @@ class Derived(NamedTuple):
     rollout, and once per minibatch of the update (see Transformer.derive)."""
 
     query_to_slot: torch.Tensor
-    """(L, h, h) every layer's combined query and key maps (MultiHeadAttention.combined_maps)"""
-    head_scale: torch.Tensor
-    """(L, H, 1, h) every layer's norm_kv scale, which the mapped queries take on"""
-    slot_to_out: torch.Tensor
-    """(L, D, D) every layer's combined scale, value and output maps"""
-    out_bias: torch.Tensor
-    """(L, D) every layer's output bias, norm_kv's shift included"""
+    """(L, h, h) every layer's combined query and key map W_queries^T W_keys / sqrt(D), shared by the heads"""
+    output_maps: Optional[tuple[torch.Tensor, torch.Tensor]]
+    """every layer's combined output maps, slot_to_out (L, D, D) and out_bias (L, D)
+    (MultiHeadAttention.combined_output_maps), or None"""
     fresh_slots: Optional[torch.Tensor]
     """(L, H, h) every layer's mean standardised slot of a fresh episode, or None"""
 
@@ -605,45 +613,52 @@ class Transformer(nn.Module):
         fresh_slot = self.standardise(zeros, steps).mean(1).view(1, self.num_heads, -1)  # (1, M, 1, D) -> (1, H, h)
         return fresh_slot.expand(len(self.transformer_layers), -1, -1)
 
-    def derive(self, memory_length=None):
+    def derive(self, memory_length=None, combine_outputs=False):
         """The Derived of the current parameters; without memory_length no fresh slots (a query that may attend
-        no slot then attends uniformly, as published). Every kind of weight is stacked over the layers, so that
-        all layers are derived by the same few operations."""
+        no slot then attends uniformly, as published); with combine_outputs the combined output maps, which pay
+        when the same parameters serve many steps, as in a rollout. Every kind of weight is stacked over the
+        layers, so that all layers are derived by the same few operations."""
 
         def stacked(weight_of):
             return torch.stack([weight_of(layer) for layer in self.transformer_layers])
 
-        query_to_slot, head_scale, slot_to_out, out_bias = MultiHeadAttention.combined_maps(
-            stacked(lambda layer: layer.attention.queries.weight),
-            stacked(lambda layer: layer.attention.keys.weight),
-            stacked(lambda layer: layer.attention.values.weight),
-            stacked(lambda layer: layer.attention.fc_out.weight.mT),
-            stacked(lambda layer: layer.attention.fc_out.bias),
-            stacked(lambda layer: layer.norm_kv.weight),
-            stacked(lambda layer: layer.norm_kv.bias),
-        )
-        fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, out_bias.device)
-        return Derived(query_to_slot, head_scale, slot_to_out, out_bias, fresh_slots)
+        queries = stacked(lambda layer: layer.attention.queries.weight)
+        query_to_slot = queries.mT @ stacked(lambda layer: layer.attention.keys.weight) / self.dim**0.5
+        output_maps = None
+        if combine_outputs:
+            output_maps = MultiHeadAttention.combined_output_maps(
+                stacked(lambda layer: layer.attention.values.weight),
+                stacked(lambda layer: layer.attention.fc_out.weight.mT),
+                stacked(lambda layer: layer.attention.fc_out.bias),
+                stacked(lambda layer: layer.norm_kv.weight),
+                stacked(lambda layer: layer.norm_kv.bias),
+            )
+        fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, queries.device)
+        return Derived(query_to_slot, output_maps, fresh_slots)
 
     def forward(self, x, slots, allowed, derived, need_weights=False):
         """x (N, S, D) queries; slots (N, P, L, D) standardised memory; allowed (N, S, P) bool; derived: derive().
 
         Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
         and with need_weights every layer's attention weights [(N, H, S, P)] * L (else [None] * L).
+        With gradients (the update) the attention is explicit (see MultiHeadAttention).
         """
+        num_layers = len(self.transformer_layers)
+        explicit = need_weights or torch.is_grad_enabled()
         mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
         has_slot = allowed.any(-1)[..., None, None]
-        maps = zip(
-            *(part.unbind(0) for part in (derived.query_to_slot, derived.head_scale, derived.slot_to_out, derived.out_bias))
-        )
-        fresh_slots = [None] * len(self.transformer_layers) if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
         slots = slots.unflatten(-1, (self.num_heads, -1)).transpose(1, 3)  # (N, P, L, H, h) -> (N, H, L, P, h)
+        if explicit:  # each layer's slots in one block, which the products with them read without a copy
+            slots = slots.contiguous()
+        output_maps = [None] * num_layers if derived.output_maps is None else zip(*(m.unbind(0) for m in derived.output_maps))
+        maps = zip(derived.query_to_slot.unbind(0), output_maps)
+        fresh_slots = [None] * num_layers if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
         layer_inputs, weights = [], []
         for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, slots.unbind(2), maps, fresh_slots):
             layer_inputs.append(x.detach())
             fresh = None if fresh_slot is None else (has_slot, fresh_slot)
-            x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh, need_weights)
-            weights.append(layer_weights)
+            x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh, explicit)
+            weights.append(layer_weights if need_weights else None)
         return x, torch.stack(layer_inputs, dim=-2), weights
 
 
@@ -812,7 +827,8 @@ class Timeline:
 @torch.inference_mode()
 def rollout_step(agent, timeline, derived, obs, episode_steps, s):
     """The policy at rollout step s for all envs: each env attends to its band just before slot C + s,
-    whose slots the timeline has standardised; derived: the transformer's derive(memory_length).
+    whose slots the timeline has standardised; derived: the transformer's derive(memory_length), its output maps
+    combined or not.
     Returns action, log-probs, value, and every layer's input (E, L, D) to cache at slot C + s."""
     context = timeline.context
     window = timeline.standardised[:, s : s + context]  # (E, C, L, D); the query sits at slot C
@@ -860,7 +876,8 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
     device = next_obs.device
     timeline.carry_over()
     with torch.inference_mode():
-        derived = agent.transformer.derive(timeline.memory_length)  # the parameters stay fixed during the rollout
+        # the parameters stay fixed during the rollout: derived once, the output maps combined
+        derived = agent.transformer.derive(timeline.memory_length, combine_outputs=True)
     if agent.transformer.learns_positions:  # the carried-over slots' positions changed with the parameters
         timeline.standardise(agent.transformer, slice(0, context))
     finished_episodes = []

@@ -215,7 +215,7 @@ def main():
     ]
     rows += [("band (allowed)", attention["allowed"], tensor_bytes(attention["allowed"]))]
     rows += [("mask (all layers)", attention["mask"], tensor_bytes(attention["mask"]))]
-    print("  attention inputs (the fused attention keeps no scores or weights: backward recomputes them)")
+    print("  attention inputs (each layer's attention weights, kept for the backward pass, are among the saved activations)")
     print_rows(rows)
     print("  saved activations (autograd's saved tensors, once per storage, without parameters)")
     print_rows([(module, "", num_bytes) for module, num_bytes in saved.by_module.items()])

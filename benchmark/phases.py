@@ -150,11 +150,10 @@ def instrument(agent, envs, rollout, clock):
             clock.mark(encoded, "encoder")
         return encoded
 
-    def marked_derive(*args):
-        derived = derive(*args)
-        if derived.slot_to_out.requires_grad:
-            for name in ("query_to_slot", "head_scale", "slot_to_out", "out_bias"):
-                clock.mark(getattr(derived, name), "before encoding")
+    def marked_derive(*args, **kwargs):
+        derived = derive(*args, **kwargs)
+        if derived.query_to_slot.requires_grad:
+            clock.mark(derived.query_to_slot, "before encoding")
         return derived
 
     def marked_standardise(*args):

@@ -106,7 +106,7 @@ def test_trainer_paths_replay_the_golden_episode(golden):
     length = episode["obs"].shape[0]
     timeline = ppo_trxl.Timeline(1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, torch.float32, "cpu")
     context, memory_length = timeline.context, timeline.memory_length
-    derived = agent.transformer.derive(memory_length)
+    derived = agent.transformer.derive(memory_length, combine_outputs=True)  # as collect_rollout derives
     values = []
     for t in range(length):
         episode_steps = torch.tensor([t])
@@ -121,13 +121,14 @@ def test_trainer_paths_replay_the_golden_episode(golden):
     torch.testing.assert_close(torch.cat(values), expected["value"], **TOLERANCE)
     torch.testing.assert_close(timeline.memory[0, context:], episode["final_episode_memory"], **TOLERANCE)
 
-    log_probs, entropy, value, _ = ppo_trxl.evaluate(
-        agent,
-        timeline,
-        (torch.tensor([[0]]), torch.arange(length).unsqueeze(0)),
-        episode["obs"][None],
-        episode["actions"][None],
-    )
+    with torch.enable_grad():  # the update's explicit attention
+        log_probs, entropy, value, _ = ppo_trxl.evaluate(
+            agent,
+            timeline,
+            (torch.tensor([[0]]), torch.arange(length).unsqueeze(0)),
+            episode["obs"][None],
+            episode["actions"][None],
+        )
     torch.testing.assert_close(log_probs, expected["log_probs"], **TOLERANCE)
     torch.testing.assert_close(entropy, expected["entropy"], **TOLERANCE)
     torch.testing.assert_close(value, expected["value"], **TOLERANCE)
