@@ -210,7 +210,8 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
             covered = torch.zeros(args.num_envs, args.num_steps, dtype=torch.long, device=device)
             for mb in [whole_rollout, *ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, device)]:
                 covered[mb] += 1
-                log_probs, _, value, _ = ppo_trxl.evaluate(learner, timeline, mb, rollout.obs[mb], rollout.actions[mb])
+                with torch.enable_grad():  # as the update evaluates
+                    log_probs, _, value, _ = ppo_trxl.evaluate(learner, timeline, mb, rollout.obs[mb], rollout.actions[mb])
                 torch.testing.assert_close(log_probs, rollout.logprobs[mb].flatten(0, 1), **tolerance)
                 torch.testing.assert_close(value, rollout.values[mb].flatten(), **tolerance)
             assert (covered == 2).all(), "the minibatches deal every step exactly once"
