@@ -648,7 +648,7 @@ class Transformer(nn.Module):
         mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
         has_slot = allowed.any(-1)[..., None, None]
         slots = slots.unflatten(-1, (self.num_heads, -1)).transpose(1, 3)  # (N, P, L, H, h) -> (N, H, L, P, h)
-        if explicit:  # each layer's slots in one block, which the products with them read without a copy
+        if explicit:  # the (P, h) slots of each sample, head and layer in one block, as batched products read them
             slots = slots.contiguous()
         output_maps = [None] * num_layers if derived.output_maps is None else zip(*(m.unbind(0) for m in derived.output_maps))
         maps = zip(derived.query_to_slot.unbind(0), output_maps)
