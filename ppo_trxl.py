@@ -808,7 +808,8 @@ class Timeline:
         slots = self.context + num_steps
         self.memory = torch.zeros((num_envs, slots, num_layers, dim), dtype=dtype, device=device)  # (E, C+S, L, D)
         self.steps = torch.zeros((num_envs, slots), dtype=torch.long, device=device)  # (E, C+S) episode steps
-        # the standardised memory (Transformer.standardise) that the rollout attends to: (E, C+S, L, D)
+        # the standardised memory (Transformer.standardise) that the rollout attends to, and without a learned
+        # encoding the update too: (E, C+S, L, D)
         self.standardised = torch.zeros((num_envs, slots, num_layers, dim), device=device)
 
     def carry_over(self):

@@ -310,8 +310,9 @@ def test_minibatches_deal_a_random_chunk_of_every_env():
 
 def test_flat_parameters_train_like_separate_ones():
     """After flatten_parameters every parameter is a view of the flat one in its own memory layout (the image
-    encoder's kernels stay channels-last, the Linear weights input-major), backward fills the flat gradient, and an AdamW step on the flat
-    parameter moves every parameter as AdamW over the separate parameters does. The state_dict is unchanged."""
+    encoder's kernels stay channels-last, the Linear weights input-major), backward fills the flat gradient, and
+    an AdamW step on the flat parameter moves every parameter as AdamW over the separate parameters does. The
+    state_dict is unchanged."""
     torch.manual_seed(0)
     args = ppo_trxl.Args(trxl_dim=32, trxl_num_heads=2, trxl_num_layers=2, reconstruction_coef=0.1)
     observation_space = gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)
