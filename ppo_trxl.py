@@ -954,6 +954,39 @@ def evaluate(agent, timeline, chunks, obs, actions):
     return agent(obs, actions, window, take(timeline.steps, (rows, slots)), timeline.memory_length)
 
 
+def ppo_loss(args, ent_coef, agent, evaluated, mb_obs, mb_logprobs, mb_advantages, mb_returns, mb_values):
+    """The loss of one minibatch, its E*Q samples flattened: the clipped PPO loss with per-branch ratios, the
+    (clipped) value loss, the entropy bonus and the optional observation reconstruction loss. evaluated: evaluate()'s
+    new log-probs (E*Q, branches), entropy, value and hidden features; mb_obs (E, Q, *obs_shape); mb_logprobs
+    (E*Q, branches) and mb_advantages, mb_returns, mb_values (E*Q,) from the rollout.
+
+    Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, and the log-ratio and ratio (E*Q, branches)."""
+    newlogprob, entropy, newvalue, hidden = evaluated
+    if args.norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    mb_advantages = mb_advantages.unsqueeze(1)  # the same advantage for every action branch
+
+    logratio = newlogprob - mb_logprobs
+    ratio = logratio.exp()
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - mb_returns) ** 2
+        v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
+        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+    entropy_loss = entropy.mean()
+    loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef
+    r_loss = torch.zeros((), device=loss.device)
+    if args.reconstruction_coef > 0.0:
+        r_loss = F.mse_loss(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
+        loss = loss + args.reconstruction_coef * r_loss
+    return loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio
+
+
 def save_atomically(obj, path):
     """torch.save through a temporary file that replaces path only once complete: a kill at any moment
     leaves either the old file or the new one, never half of one."""
@@ -1259,33 +1292,18 @@ if __name__ == "__main__":
         for epoch in range(args.update_epochs):
             for mb in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
                 mb_obs = take(rollout.obs, mb)  # (E, Q, *obs_shape)
-                newlogprob, entropy, newvalue, hidden = evaluate(learner, rollout.timeline, mb, mb_obs, rollout.actions[mb])
-                mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (E*Q, branches)
-                mb_advantages = advantages[mb].flatten()
-                mb_returns = returns[mb].flatten()
-                mb_values = rollout.values[mb].flatten()
-                if args.norm_adv:
-                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                mb_advantages = mb_advantages.unsqueeze(1)  # the same advantage for every action branch
-
-                logratio = newlogprob - mb_logprobs
-                ratio = logratio.exp()
-                pg_loss1 = -mb_advantages * ratio
-                pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                if args.clip_vloss:
-                    v_loss_unclipped = (newvalue - mb_returns) ** 2
-                    v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
-                    v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()
-                else:
-                    v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
-                entropy_loss = entropy.mean()
-                loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef
-                r_loss = torch.zeros((), device=device)
-                if args.reconstruction_coef > 0.0:
-                    r_loss = F.mse_loss(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
-                    loss = loss + args.reconstruction_coef * r_loss
+                evaluated = evaluate(learner, rollout.timeline, mb, mb_obs, rollout.actions[mb])
+                loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio = ppo_loss(
+                    args,
+                    ent_coef,
+                    agent,
+                    evaluated,
+                    mb_obs,
+                    rollout.logprobs[mb].flatten(0, 1),  # (E*Q, branches)
+                    advantages[mb].flatten(),
+                    returns[mb].flatten(),
+                    rollout.values[mb].flatten(),
+                )
 
                 parameters.grad.zero_()
                 loss.backward()

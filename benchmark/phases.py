@@ -7,9 +7,8 @@ encoder, forward and backward, against everything else. Timed in one process on 
 
 The configs are benchmark/throughput.py's. Each iteration runs as the trainer runs it: collect_rollout on the
 real envs, the advantages (Rollout.advantages), then update_epochs passes over the minibatches, each through evaluate,
-a clipped PPO loss, backward, gradient clipping and the fused AdamW step on the flat parameters. The loss is
-written out here, as the trainer's main loop has it inline; it is a few operations on a minibatch's numbers, and
-the learning rate and entropy coefficient stay at their initial values.
+the trainer's loss (ppo_loss), backward, gradient clipping and the fused AdamW step on the flat parameters. The
+learning rate and entropy coefficient stay at their initial values.
 --compile is not supported: its compiled graphs hide the parts that are timed here.
 
 How the parts are timed (wall clock; on a GPU every mark waits for the GPU first):
@@ -82,21 +81,6 @@ class Clock:
         return timed_function
 
 
-def ppo_loss(args, new_logprob, entropy, new_value, logprobs, advantages, returns, values):
-    """The trainer's PPO loss on one minibatch (flattened samples), with the initial entropy coefficient."""
-    if args.norm_adv:
-        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    ratio = (new_logprob - logprobs).exp()
-    surrogate = advantages.unsqueeze(1) * ratio
-    clipped = advantages.unsqueeze(1) * ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef)
-    pg_loss = -torch.min(surrogate, clipped).mean()
-    v_loss = (new_value - returns) ** 2
-    if args.clip_vloss:
-        v_clipped = values + (new_value - values).clamp(-args.clip_coef, args.clip_coef)
-        v_loss = torch.max(v_loss, (v_clipped - returns) ** 2)
-    return pg_loss - args.init_ent_coef * entropy.mean() + args.vf_coef * 0.5 * v_loss.mean()
-
-
 def iterate(args, agent, envs, rollout, parameters, optimizer, clock, state):
     """One training iteration, timed by clock; state = (next_obs, next_episode_steps), returned advanced."""
     clock.phase = "rollout"
@@ -109,22 +93,18 @@ def iterate(args, agent, envs, rollout, parameters, optimizer, clock, state):
         for _ in range(args.update_epochs):
             for mb in ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, rollout.obs.device):
                 mb_obs = ppo_trxl.take(rollout.obs, mb)
-                new_logprob, entropy, new_value, hidden = ppo_trxl.evaluate(
-                    agent, rollout.timeline, mb, mb_obs, rollout.actions[mb]
-                )
-                loss = ppo_loss(
+                evaluated = ppo_trxl.evaluate(agent, rollout.timeline, mb, mb_obs, rollout.actions[mb])
+                loss = ppo_trxl.ppo_loss(
                     args,
-                    new_logprob,
-                    entropy,
-                    new_value,
+                    args.init_ent_coef,
+                    agent,
+                    evaluated,
+                    mb_obs,
                     rollout.logprobs[mb].flatten(0, 1),
                     advantages[mb].flatten(),
                     returns[mb].flatten(),
                     rollout.values[mb].flatten(),
-                )
-                if args.reconstruction_coef > 0.0:
-                    target = mb_obs.flatten(0, 1).float() / 255.0
-                    loss = loss + args.reconstruction_coef * ((agent.reconstruct_observation(hidden) - target) ** 2).mean()
+                )[0]
                 parameters.grad.zero_()
                 clock.marks.clear()
                 loss.backward()
