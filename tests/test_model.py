@@ -13,6 +13,7 @@ import ppo_trxl
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "published_format_vector.pt"
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # --encoder-dtype bfloat16 rounds the encoder's outputs to 8 bits, and where a batch's accumulation order tips a
 # rounding, the log-probs and values move by about 1e-4 (measured on the default MortarMayhem-Grid model)
 BFLOAT16_ENCODER_TOLERANCE = dict(rtol=1e-3, atol=1e-3)
@@ -25,7 +26,16 @@ def golden():
     return torch.load(GOLDEN, weights_only=True)
 
 
-def golden_agent(golden):
+def on(device, tree):
+    """golden's nested dicts and lists of tensors, moved to device"""
+    if isinstance(tree, dict):
+        return {key: on(device, value) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [on(device, value) for value in tree]
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
+
+
+def golden_agent(golden, device="cpu"):
     checkpoint, meta = golden["checkpoint"], golden["meta"]
     observation_space = gym.spaces.Box(-1.0, 1.0, tuple(meta["observation_space"]["shape"]), dtype=np.float32)
     agent = ppo_trxl.Agent(
@@ -35,13 +45,15 @@ def golden_agent(golden):
         meta["max_episode_steps"],
     )
     agent.load_state_dict(checkpoint["model_weights"], strict=True)
-    return agent.eval()
+    return agent.eval().to(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("part", ["batch", "single"])
 @torch.no_grad()
-def test_published_interface_matches_golden_outputs(golden, part):
-    agent = golden_agent(golden)
+def test_published_interface_matches_golden_outputs(golden, part, device):
+    golden = on(device, golden)
+    agent = golden_agent(golden, device)
     batch = golden["batch"]
     rows = slice(None) if part == "batch" else slice(golden["single"]["row"], golden["single"]["row"] + 1)
     inputs = [batch[key][rows] for key in ("obs", "memory_window", "memory_mask", "memory_indices")]
@@ -97,19 +109,23 @@ def test_attention_matches_the_published_formula(encoding):
     torch.testing.assert_close(out, x, **TOLERANCE)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
-def test_trainer_paths_replay_the_golden_episode(golden):
+def test_trainer_paths_replay_the_golden_episode(golden, device):
     """The rollout's and the update's fast paths reproduce an episode played by the published model."""
-    agent = golden_agent(golden)
+    golden = on(device, golden)
+    agent = golden_agent(golden, device)
     episode = golden["rollout"]
     args = types.SimpleNamespace(**golden["checkpoint"]["args"])
     length = episode["obs"].shape[0]
-    timeline = ppo_trxl.Timeline(1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, torch.float32, "cpu")
+    timeline = ppo_trxl.Timeline(
+        1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, torch.float32, device
+    )
     context, memory_length = timeline.context, timeline.memory_length
     derived = agent.transformer.derive(memory_length, combine_outputs=True)  # as collect_rollout derives
     values = []
     for t in range(length):
-        episode_steps = torch.tensor([t])
+        episode_steps = torch.tensor([t], device=device)
         timeline.steps[:, context + t] = episode_steps
         _, _, value, layer_inputs = ppo_trxl.rollout_step(
             agent, timeline, derived, episode["obs"][t : t + 1], episode_steps, t
@@ -125,7 +141,7 @@ def test_trainer_paths_replay_the_golden_episode(golden):
         log_probs, entropy, value, _ = ppo_trxl.evaluate(
             agent,
             timeline,
-            (torch.tensor([[0]]), torch.arange(length).unsqueeze(0)),
+            (torch.tensor([[0]], device=device), torch.arange(length, device=device).unsqueeze(0)),
             episode["obs"][None],
             episode["actions"][None],
         )
@@ -159,9 +175,6 @@ CONFIGS = {
     "minigrid-bf16-encoder": dict(env_id="MiniGrid-MemoryS9-v0", encoder_dtype="bfloat16"),
     "mortar-grid-compiled": dict(env_id="MortarMayhem-Grid-v0", compile=True),
 }
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture
