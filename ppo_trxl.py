@@ -954,14 +954,16 @@ def evaluate(agent, timeline, chunks, obs, actions):
     return agent(obs, actions, window, take(timeline.steps, (rows, slots)), timeline.memory_length)
 
 
-def ppo_loss(args, ent_coef, agent, evaluated, mb_obs, mb_logprobs, mb_advantages, mb_returns, mb_values):
-    """The loss of one minibatch, its E*Q samples flattened: the clipped PPO loss with per-branch ratios, the
-    (clipped) value loss, the entropy bonus and the optional observation reconstruction loss. evaluated: evaluate()'s
-    new log-probs (E*Q, branches), entropy, value and hidden features; mb_obs (E, Q, *obs_shape); mb_logprobs
-    (E*Q, branches) and mb_advantages, mb_returns, mb_values (E*Q,) from the rollout.
+def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns):
+    """The loss of minibatch mb = (env rows (E, 1), steps (E, Q)) of rollout, whose E*Q samples learner (the agent,
+    or its wrapper) evaluates, flattened: the clipped PPO loss with per-branch ratios, the (clipped) value loss,
+    the entropy bonus and the optional loss of agent's observation reconstruction. advantages, returns (E, S).
 
     Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, and the log-ratio and ratio (E*Q, branches)."""
-    newlogprob, entropy, newvalue, hidden = evaluated
+    mb_obs = take(rollout.obs, mb)  # (E, Q, *obs_shape)
+    newlogprob, entropy, newvalue, hidden = evaluate(learner, rollout.timeline, mb, mb_obs, rollout.actions[mb])
+    mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (E*Q, branches)
+    mb_advantages, mb_returns, mb_values = advantages[mb].flatten(), returns[mb].flatten(), rollout.values[mb].flatten()
     if args.norm_adv:
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
     mb_advantages = mb_advantages.unsqueeze(1)  # the same advantage for every action branch
@@ -1291,20 +1293,9 @@ if __name__ == "__main__":
         stats = []
         for epoch in range(args.update_epochs):
             for mb in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
-                mb_obs = take(rollout.obs, mb)  # (E, Q, *obs_shape)
-                evaluated = evaluate(learner, rollout.timeline, mb, mb_obs, rollout.actions[mb])
                 loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio = ppo_loss(
-                    args,
-                    ent_coef,
-                    agent,
-                    evaluated,
-                    mb_obs,
-                    rollout.logprobs[mb].flatten(0, 1),  # (E*Q, branches)
-                    advantages[mb].flatten(),
-                    returns[mb].flatten(),
-                    rollout.values[mb].flatten(),
+                    args, ent_coef, learner, agent, rollout, mb, advantages, returns
                 )
-
                 parameters.grad.zero_()
                 loss.backward()
                 nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)

@@ -6,9 +6,9 @@ encoder, forward and backward, against everything else. Timed in one process on 
     python benchmark/phases.py mmgrid -- --encoder-dtype bfloat16   # trainer flags on top of the config's
 
 The configs are benchmark/throughput.py's. Each iteration runs as the trainer runs it: collect_rollout on the
-real envs, the advantages (Rollout.advantages), then update_epochs passes over the minibatches, each through evaluate,
-the trainer's loss (ppo_loss), backward, gradient clipping and the fused AdamW step on the flat parameters. The
-learning rate and entropy coefficient stay at their initial values.
+real envs, the advantages (Rollout.advantages), then update_epochs passes over the minibatches, each through the
+trainer's loss (ppo_loss, which gathers the minibatch and evaluates it), backward, gradient clipping and the
+fused AdamW step on the flat parameters. The learning rate and entropy coefficient stay at their initial values.
 --compile is not supported: its compiled graphs hide the parts that are timed here.
 
 How the parts are timed (wall clock; on a GPU every mark waits for the GPU first):
@@ -92,19 +92,7 @@ def iterate(args, agent, envs, rollout, parameters, optimizer, clock, state):
         returns = advantages + rollout.values
         for _ in range(args.update_epochs):
             for mb in ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, rollout.obs.device):
-                mb_obs = ppo_trxl.take(rollout.obs, mb)
-                evaluated = ppo_trxl.evaluate(agent, rollout.timeline, mb, mb_obs, rollout.actions[mb])
-                loss = ppo_trxl.ppo_loss(
-                    args,
-                    args.init_ent_coef,
-                    agent,
-                    evaluated,
-                    mb_obs,
-                    rollout.logprobs[mb].flatten(0, 1),
-                    advantages[mb].flatten(),
-                    returns[mb].flatten(),
-                    rollout.values[mb].flatten(),
-                )[0]
+                loss = ppo_trxl.ppo_loss(args, args.init_ent_coef, agent, agent, rollout, mb, advantages, returns)[0]
                 parameters.grad.zero_()
                 clock.marks.clear()
                 loss.backward()
