@@ -765,11 +765,12 @@ class Agent(nn.Module):
         action, log_probs, entropy, value, _ = self.policy_and_value(out, action)
         return action, log_probs, entropy, value, new_memory
 
-    def forward(self, obs, actions, window, steps, memory_length):
+    def forward(self, images, image_index, actions, window, steps, memory_length):
         """The update's pass over G chunks of Q consecutive steps, each with the C = memory_length - 1 slots
-        before it: obs (G, Q, *obs_shape), actions (G, Q, branches), steps (G, C+Q) the slots' episode steps,
-        and window the slots (G, C+Q, L, D): standardised, or with a learned encoding the cached layer inputs,
-        standardised here, where the encoding's gradient flows. Every step attends to its band
+        before it: images (G*Q, *obs_shape) the steps' observations, or with image_index (G*Q,) the distinct ones
+        (U, *obs_shape) that it points each step to (see distinct_images); actions (G, Q, branches), steps (G, C+Q)
+        the slots' episode steps, and window the slots (G, C+Q, L, D): standardised, or with a learned encoding the
+        cached layer inputs, standardised here, where the encoding's gradient flows. Every step attends to its band
         inside its chunk's window:
 
             slots    [0 ........ C) [C ........ C+Q)
@@ -781,10 +782,14 @@ class Agent(nn.Module):
         derived = self.transformer.derive(memory_length)
         slots = self.transformer.standardise(window, steps) if self.transformer.learns_positions else window
         episode_steps = steps[:, context:]  # (G, Q)
-        positions = torch.arange(num_slots, device=obs.device)  # the chunk's steps sit at slots C .. C+Q-1
+        positions = torch.arange(num_slots, device=steps.device)  # the chunk's steps sit at slots C .. C+Q-1
         ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
         allowed = band_mask(ages, episode_steps, memory_length)  # (G, Q, C+Q)
-        x = self.encode(obs.flatten(0, 1)).view(*episode_steps.shape, self.transformer_dim)
+        x = self.encode(images)  # (U, D)
+        if image_index is not None:  # each step's features as a product with its one-hot row (G*Q, U): the backward
+            # then sums a repeated image's gradients in a fixed order, where index_select's atomics on a GPU would not
+            x = (image_index.unsqueeze(1) == torch.arange(len(x), device=x.device)).to(x.dtype) @ x
+        x = x.view(*episode_steps.shape, self.transformer_dim)
         out, _, _ = self.transformer(x, slots, allowed, derived)
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
         return log_probs, entropy, value, hidden
@@ -943,15 +948,48 @@ def take(buffer, chunks):
     return buffer.flatten(0, 1).index_select(0, samples).view(*steps.shape, *buffer.shape[2:])
 
 
+def image_hashes(images):
+    """images (N, 84, 84, 3) uint8 -> (N,) int64: every image's 8-byte words w_i (2,646 of them) summed as
+    sum_i c_i * w_i modulo 2^64, with random coefficients c_i fixed by a seed. Equal images hash alike."""
+    words = images.flatten(1).view(torch.int64)  # (N, W)
+    generator = torch.Generator(images.device).manual_seed(0)
+    coefficients = torch.randint(1 << 62, words.shape[1:], generator=generator, device=images.device)  # (W,)
+    return (words * coefficients).sum(1)  # the products and the sum wrap around
+
+
+def distinct_images(images):
+    """images (N, 84, 84, 3) uint8 -> the distinct images (U, 84, 84, 3) and each image's index among them (N,);
+    images and None where all N differ.
+
+    The encoder maps each image on its own, so an image that repeats another need not be encoded again: its
+    features, and in the backward pass its gradient, are those of the one image. On the memory tasks many repeat:
+    an agent that waits or walks into a wall, a cue shown for several steps, a room that several envs show alike.
+    Images are grouped by their hash, then compared in full with their group's first image: where two images
+    share a hash but differ, all N are returned as they are."""
+    hashes, index = torch.unique(image_hashes(images), return_inverse=True)  # (U,), (N,)
+    if len(hashes) == len(images):
+        return images, None
+    samples = torch.arange(len(images), device=images.device)
+    first = index.new_full(hashes.shape, len(images)).scatter_reduce_(0, index, samples, "amin")  # (U,): each group's first
+    words = images.flatten(1).view(torch.int64)  # compared 8 bytes at a time
+    if not torch.equal(words.index_select(0, first[index]), words):  # two different images with one hash
+        return images, None
+    return images.index_select(0, first), index
+
+
 def evaluate(agent, timeline, chunks, obs, actions):
     """The update's pass over chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps, whose
-    bands reach the timeline slots [first step, C + last step]. obs (G, Q, *obs_shape), actions (G, Q, branches).
+    bands reach the timeline slots [first step, C + last step]. obs (G, Q, *obs_shape), actions (G, Q, branches);
+    images are encoded once each (distinct_images), vectors, which one product encodes, as they are.
     agent may be wrapped: DistributedDataParallel keeps it as .module, torch.compile passes attributes through."""
     rows, steps = chunks
     slots = steps[:, :1] + torch.arange(timeline.context + steps.shape[1], device=steps.device)  # (G, C+Q)
     learns_positions = getattr(agent, "module", agent).transformer.learns_positions
     window = take(timeline.memory if learns_positions else timeline.standardised, (rows, slots))  # (G, C+Q, L, D)
-    return agent(obs, actions, window, take(timeline.steps, (rows, slots)), timeline.memory_length)
+    images, image_index = obs.flatten(0, 1), None
+    if obs.dtype == torch.uint8:
+        images, image_index = distinct_images(images)
+    return agent(images, image_index, actions, window, take(timeline.steps, (rows, slots)), timeline.memory_length)
 
 
 def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns):

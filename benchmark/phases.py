@@ -15,13 +15,14 @@ How the parts are timed (wall clock; on a GPU every mark waits for the GPU first
 - the rollout: the envs' step, Agent.encode, the transformer, the heads (policy_and_value) and the timeline's
   standardising of new slots, each wrapped with a timer; "the rest" is what remains of collect_rollout
   (buffer writes, host transfers, the bootstrap step's remainder);
-- the update's encoder forward: Agent.encode, wrapped;
+- the update's encoder forward: Agent.encode, wrapped, which also counts the observations it takes (each distinct
+  image of a minibatch once);
 - the update's encoder backward: from the moment the loss's gradient reaches the encoder's output to the moment it
   reaches what Agent.forward computed before encoding (tensor hooks): the attention's maps, and with a learned
   encoding the standardised window. Autograd takes the encoder's operations in between;
 - the update's transformer and heads: their forward passes, wrapped; "the rest" is what remains of the update:
-  their backward passes, the losses, the advantages and the minibatches' gathering (with a reconstruction head
-  also the decoder, and with a learned encoding the standardising of the windows);
+  their backward passes, the losses, the advantages and the minibatches' gathering and search for repeated images
+  (with a reconstruction head also the decoder, and with a learned encoding the standardising of the windows);
 - the gradient clipping and the optimizer step, together.
 The first iteration (start-up, first calls) is left out of the averages.
 """
@@ -55,6 +56,7 @@ class Clock:
         self.cuda = device.type == "cuda"
         self.phase = "rollout"
         self.marks = defaultdict(list)  # the times at which backward reached marked tensors
+        self.encoded = []  # how many observations the update's encoder took, a minibatch
 
     def mark(self, tensor, name):
         """Records the time at which backward reaches tensor, under name."""
@@ -116,6 +118,7 @@ def instrument(agent, envs, rollout, clock):
             encoded = encode(obs)
         if encoded.requires_grad:  # in the update
             clock.mark(encoded, "encoder")
+            clock.encoded.append(len(obs))
         return encoded
 
     def marked_derive(*args, **kwargs):
@@ -164,14 +167,17 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, device {device}")
     print(f"{config.description} {' '.join(extra)}: {args.batch_size:,} steps an iteration", flush=True)
     mean = defaultdict(float)  # over the iterations after the first; a part never called took no time
+    encoded = []  # the observations that the update's encoder took, a minibatch, in the iterations after the first
     for iteration in range(1, options.iterations + 1):
         clock.seconds.clear()
+        clock.encoded.clear()
         state = iterate(args, agent, envs, rollout, parameters, optimizer, clock, state)
         total = clock.seconds["rollout", "total"] + clock.seconds["update", "total"]
         print(f"iteration {iteration}: {total:.3f} s, {args.batch_size / total:,.0f} steps/s", flush=True)
         if iteration > 1:
             for key, seconds in clock.seconds.items():
                 mean[key] += seconds / (options.iterations - 1)
+            encoded += clock.encoded
     envs.close()
 
     total = mean["rollout", "total"] + mean["update", "total"]
@@ -189,6 +195,10 @@ def main():
         print(f"| {phase} | {part} | {seconds:.3f} | {seconds / total:.0%} |")
     for phase in ("rollout", "update"):
         print(f"| {phase} | total | {mean[phase, 'total']:.3f} | {mean[phase, 'total'] / total:.0%} |")
+    print(
+        f"\nThe update's encoder took {sum(encoded) / len(encoded):,.0f} of a minibatch's {args.minibatch_size:,} "
+        f"observations on average ({min(encoded):,}-{max(encoded):,}): each distinct image once"
+    )
 
 
 if __name__ == "__main__":

@@ -308,6 +308,11 @@ def test_phases_splits_an_image_iteration_into_its_parts():
     # every wrapped part was timed: an image config's envs, encoder (both directions) and transformer take measurable time
     timed = [("rollout", "envs"), ("rollout", "encoder"), ("rollout", "transformer")]
     assert min(seconds[key] for key in timed + [("update", "encoder forward"), ("update", "encoder backward")]) > 0
+    # the encoder's share of a minibatch of 2 envs x 32 steps: each distinct image once
+    encoded = re.search(
+        r"^The update's encoder took [\d,]+ of a minibatch's 64 observations on average \((\d+)-(\d+)\)", output, re.M
+    )
+    assert encoded and 1 <= int(encoded[1]) <= int(encoded[2]) <= 64, output
 
 
 def test_phases_rejects_compile():

@@ -213,6 +213,8 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
         learner, policy_step = torch.compile(agent), ppo_trxl.compiled_rollout_step()
 
     seen = dict(first_step=0, reaches_back=0, full_window=0)
+    if rollout.obs.dtype == torch.uint8:  # minibatches that encode a repeated image once
+        seen["repeated_images"] = 0
     for _ in range(3):
         next_obs, next_episode_steps, next_value, _ = ppo_trxl.collect_rollout(
             agent, envs, rollout, next_obs, next_episode_steps, policy_step
@@ -223,6 +225,8 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
             covered = torch.zeros(args.num_envs, args.num_steps, dtype=torch.long, device=device)
             for mb in [whole_rollout, *ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, device)]:
                 covered[mb] += 1
+                if "repeated_images" in seen:
+                    seen["repeated_images"] += ppo_trxl.distinct_images(rollout.obs[mb].flatten(0, 1))[1] is not None
                 with torch.enable_grad():  # as the update evaluates
                     log_probs, _, value, _ = ppo_trxl.evaluate(learner, timeline, mb, rollout.obs[mb], rollout.actions[mb])
                 torch.testing.assert_close(log_probs, rollout.logprobs[mb].flatten(0, 1), **tolerance)
@@ -321,6 +325,61 @@ def test_minibatches_deal_a_random_chunk_of_every_env():
     assert len({tuple(column) for column in chunk_of.T.tolist()}) > 1, "every env dealt its chunks in the same order"
 
 
+def test_repeated_images_are_encoded_once():
+    """The update encodes each distinct image of a minibatch once: it computes the outputs and gradients of encoding
+    every step's image, and two images that differ in their last byte stay apart."""
+    torch.manual_seed(0)
+    args = ppo_trxl.Args(trxl_dim=32, trxl_num_heads=2, trxl_num_layers=2)
+    agent = ppo_trxl.Agent(args, gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), (3, 2), 64)
+    pool = torch.randint(0, 256, (4, 84, 84, 3), dtype=torch.uint8)
+    pool[3] = pool[2]
+    pool[3, -1, -1, -1] ^= 1
+    obs = pool[torch.tensor([[0, 0, 1, 2, 2], [3, 1, 1, 0, 3]])]  # 2 chunks of 5 steps; repeats within and across chunks
+    images, image_index = ppo_trxl.distinct_images(obs.flatten(0, 1))
+    assert len(images) == 4 and torch.equal(images[image_index], obs.flatten(0, 1))
+    assert ppo_trxl.distinct_images(pool)[1] is None, "all distinct: encoded as they are"
+
+    memory_length, chunks, steps = 5, 2, 5
+    actions = torch.stack([torch.randint(0, 3, (chunks, steps)), torch.randint(0, 2, (chunks, steps))], -1)
+    episode_steps = torch.arange(memory_length - 1 + steps).expand(chunks, -1)
+    memory = torch.randn(chunks, memory_length - 1 + steps, args.trxl_num_layers, args.trxl_dim)
+    window = agent.transformer.standardise(memory, episode_steps)
+
+    def outputs_and_gradients(images, image_index):
+        agent.zero_grad()
+        outputs = agent(images, image_index, actions, window, episode_steps, memory_length)[:3]
+        sum(output.sum() for output in outputs).backward()
+        return outputs, [parameter.grad for parameter in agent.parameters()]
+
+    once, each = outputs_and_gradients(images, image_index), outputs_and_gradients(obs.flatten(0, 1), None)
+    for a, b in zip(once[0], each[0]):
+        torch.testing.assert_close(a, b, **TOLERANCE)
+    # a repeated image's gradients are summed before the encoder's backward, not after: the same sum in another order
+    for (name, _), a, b in zip(agent.named_parameters(), once[1], each[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_images_that_share_a_hash_stay_apart():
+    """image_hashes is linear in an image's 8-byte words: adding c_k to word j and taking c_j from word k, where c_j
+    and c_k are the hashes of images holding a single 1 in word j or k, keeps the hash. distinct_images must still
+    keep the two images apart."""
+    torch.manual_seed(0)
+    unit = torch.zeros(2, 84 * 84 * 3 // 8, dtype=torch.int64)
+    j, k = 5, 2000
+    unit[0, j] = unit[1, k] = 1
+    c_j, c_k = ppo_trxl.image_hashes(unit.view(torch.uint8).view(2, 84, 84, 3)).tolist()
+    image = torch.randint(0, 256, (84, 84, 3), dtype=torch.uint8)
+    words = image.flatten().view(torch.int64).clone()
+    words[j] += c_k
+    words[k] -= c_j
+    twin = words.view(torch.uint8).view(84, 84, 3)
+    pair = torch.stack([image, twin, image])
+    hashes = ppo_trxl.image_hashes(pair)
+    assert hashes[0] == hashes[1] and not torch.equal(image, twin)
+    images, image_index = ppo_trxl.distinct_images(pair)
+    assert image_index is None and torch.equal(images, pair), "two images with one hash were merged"
+
+
 def test_flat_parameters_train_like_separate_ones():
     """After flatten_parameters every parameter is a view of the flat one in its own memory layout (the image
     encoder's kernels stay channels-last, the Linear weights input-major), backward fills the flat gradient, and
@@ -351,7 +410,7 @@ def test_flat_parameters_train_like_separate_ones():
     def train_step(agent, parameters):
         optimizer = torch.optim.AdamW(parameters, lr=1e-2, fused=True)
         for _ in range(2):
-            log_probs, entropy, value, hidden = agent(obs, actions, window, episode_steps, memory_length)
+            log_probs, entropy, value, hidden = agent(obs.flatten(0, 1), None, actions, window, episode_steps, memory_length)
             loss = log_probs.sum() + entropy.mean() + value.pow(2).mean() + agent.reconstruct_observation(hidden).mean()
             for p in parameters:
                 p.grad = None if p is not flat else p.grad.zero_()
