@@ -13,7 +13,7 @@ ends just before the current step. The band of a sample is a slice of its env's 
 steps that the env produced, so each cached step is standardised once (not once per sample that sees it),
 the bias-free key and value projections and norm_kv's affine move onto the queries and the attended sums,
 and the scores of a chunk of an env's steps are one matrix product with a band mask. No window is copied
-per sample.
+per sample. And the update encodes each distinct image of a minibatch once: on memory tasks many repeat.
 """
 
 import ctypes
