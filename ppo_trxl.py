@@ -788,7 +788,7 @@ class Agent(nn.Module):
         x = self.encode(images)  # (U, D)
         if image_index is not None:  # each step's features as a product with its one-hot row (G*Q, U): the backward
             # then sums a repeated image's gradients in a fixed order, where index_select's atomics on a GPU would not
-            x = (image_index.unsqueeze(1) == torch.arange(len(x), device=x.device)).to(x.dtype) @ x
+            x = F.one_hot(image_index, len(x)).to(x.dtype) @ x
         x = x.view(*episode_steps.shape, self.transformer_dim)
         out, _, _ = self.transformer(x, slots, allowed, derived)
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
