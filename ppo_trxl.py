@@ -425,9 +425,9 @@ def check_observation_space(observation_space, reconstruction_coef):
         fail("--reconstruction-coef needs image observations; this env's are vectors: set it to 0")
 
 
-def layer_init(layer, std=np.sqrt(2), bias_const=0.0):
+def layer_init(layer, std=np.sqrt(2)):
+    """Orthogonal weights with gain std; the bias keeps PyTorch's default initialisation, as in the published runs."""
     nn.init.orthogonal_(layer.weight, std)
-    nn.init.constant_(layer.bias, bias_const)
     return layer
 
 
@@ -693,6 +693,7 @@ class Agent(nn.Module):
         self.hidden_post_trxl = nn.Sequential(layer_init(nn.Linear(dim, dim)), nn.ReLU())
         self.actor_branches = nn.ModuleList([layer_init(nn.Linear(dim, n), std=0.1) for n in action_space_shape])
         self.critic = layer_init(nn.Linear(dim, 1), std=1)
+        self.last_hidden = None  # the published reconstruct_observation() decodes the last get_action_and_value's features
         if args.reconstruction_coef > 0.0:
             self.transposed_cnn = nn.Sequential(
                 layer_init(nn.Linear(dim, 64 * 7 * 7)),
@@ -738,8 +739,11 @@ class Agent(nn.Module):
         entropy = -sum((lp.exp() * lp).sum(-1) for lp in branch_log_probs)
         return action, log_probs, entropy, self.critic(hidden).flatten(), hidden
 
-    def reconstruct_observation(self, hidden):
-        # hidden (B, D) -> (B, 84, 84, 3) float32 in [0, 1]
+    def reconstruct_observation(self, hidden=None):
+        """hidden (B, D) post-TrXL features -> (B, 84, 84, 3) float32 in [0, 1]. Without hidden, as published analysis
+        scripts call it, the features of the last get_action_and_value call."""
+        if hidden is None:
+            hidden = self.last_hidden
         with self.autocast(hidden.device):
             return self.transposed_cnn(hidden).float().permute(0, 2, 3, 1)
 
@@ -762,7 +766,7 @@ class Agent(nn.Module):
 
     def get_action_and_value(self, x, memory, memory_mask, memory_indices, action=None):
         out, new_memory, _ = self.window_pass(x, memory, memory_mask, memory_indices)
-        action, log_probs, entropy, value, _ = self.policy_and_value(out, action)
+        action, log_probs, entropy, value, self.last_hidden = self.policy_and_value(out, action)
         return action, log_probs, entropy, value, new_memory
 
     def forward(self, images, image_index, actions, window, steps, memory_length):
@@ -995,7 +999,8 @@ def evaluate(agent, timeline, chunks, obs, actions):
 def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns):
     """The loss of minibatch mb = (env rows (E, 1), steps (E, Q)) of rollout, whose E*Q samples learner (the agent,
     or its wrapper) evaluates, flattened: the clipped PPO loss with per-branch ratios, the (clipped) value loss,
-    the entropy bonus and the optional loss of agent's observation reconstruction. advantages, returns (E, S).
+    the entropy bonus and the optional loss of agent's observation reconstruction (binary cross-entropy against the
+    observation / 255), as published. advantages, returns (E, S).
 
     Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, and the log-ratio and ratio (E*Q, branches)."""
     mb_obs = take(rollout.obs, mb)  # (E, Q, *obs_shape)
@@ -1012,17 +1017,17 @@ def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns):
     pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
 
-    if args.clip_vloss:
+    if args.clip_vloss:  # no factor 1/2, as published: --vf-coef weighs the squared error itself
         v_loss_unclipped = (newvalue - mb_returns) ** 2
         v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
-        v_loss = 0.5 * torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()
+        v_loss = torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()
     else:
-        v_loss = 0.5 * ((newvalue - mb_returns) ** 2).mean()
+        v_loss = ((newvalue - mb_returns) ** 2).mean()
     entropy_loss = entropy.mean()
     loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef
     r_loss = torch.zeros((), device=loss.device)
     if args.reconstruction_coef > 0.0:
-        r_loss = F.mse_loss(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
+        r_loss = F.binary_cross_entropy(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
         loss = loss + args.reconstruction_coef * r_loss
     return loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio
 

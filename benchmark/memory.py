@@ -201,7 +201,7 @@ def main():
             loss = log_probs.sum() + entropy.sum() + value.sum()
             if args.reconstruction_coef > 0:
                 target = obs.flatten(0, 1).float() / 255.0
-                loss = loss + torch.nn.functional.mse_loss(agent.reconstruct_observation(hidden), target)
+                loss = loss + torch.nn.functional.binary_cross_entropy(agent.reconstruct_observation(hidden), target)
         loss.backward()
     forward_backward = time.perf_counter() - forward_backward
 
