@@ -54,6 +54,7 @@ try:
     import torch.nn as nn
     import torch.nn.functional as F
     import tyro
+    from minigrid.envs.memory import MemoryEnv
     from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
@@ -356,6 +357,21 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
 
     find_env_spec(env_id)
     return thunk
+
+
+def is_minigrid_memory(env_id):
+    """Whether env_id is a MiniGrid Memory env (MemoryEnv or a subclass of it), whose grid tells where its cue lies."""
+    entry_point = find_env_spec(env_id).entry_point
+    creator = gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    return isinstance(creator, type) and issubclass(creator, MemoryEnv)
+
+
+def cue_in_view(envs):
+    """(E,) bool: whether each MiniGrid Memory env's view shows its cue, the object at (1, height // 2 - 1) in its
+    start room, as the env's grid tells. The agent never sees this: it is logged to show how much attention the
+    steps that showed the cue get."""
+    height = envs.get_attr("height")[0]
+    return np.array(envs.call("agent_sees", 1, height // 2 - 1), dtype=bool)
 
 
 def in_subprocess(thunk):
@@ -769,7 +785,7 @@ class Agent(nn.Module):
         action, log_probs, entropy, value, self.last_hidden = self.policy_and_value(out, action)
         return action, log_probs, entropy, value, new_memory
 
-    def forward(self, images, image_index, actions, window, steps, memory_length):
+    def forward(self, images, image_index, actions, window, steps, memory_length, need_weights=False):
         """The update's pass over G chunks of Q consecutive steps, each with the C = memory_length - 1 slots
         before it: images (G*Q, *obs_shape) the steps' observations, or with image_index (G*Q,) the distinct ones
         (U, *obs_shape) that it points each step to (see distinct_images); actions (G, Q, branches), steps (G, C+Q)
@@ -780,7 +796,8 @@ class Agent(nn.Module):
             slots    [0 ........ C) [C ........ C+Q)
             step C+i        [band]   ^ the step's own slot
 
-        Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,) and hidden features (G*Q, D).
+        Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,), hidden features (G*Q, D), and with
+        need_weights every layer's attention weights [(G, H, Q, C+Q)] * L (else [None] * L).
         """
         context, num_slots = memory_length - 1, steps.shape[1]
         derived = self.transformer.derive(memory_length)
@@ -794,9 +811,9 @@ class Agent(nn.Module):
             # then sums a repeated image's gradients in a fixed order, where index_select's atomics on a GPU would not
             x = F.one_hot(image_index, len(x)).to(x.dtype) @ x
         x = x.view(*episode_steps.shape, self.transformer_dim)
-        out, _, _ = self.transformer(x, slots, allowed, derived)
+        out, _, weights = self.transformer(x, slots, allowed, derived, need_weights)
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
-        return log_probs, entropy, value, hidden
+        return log_probs, entropy, value, hidden, weights
 
 
 class Timeline:
@@ -809,7 +826,7 @@ class Timeline:
                previous rollout | this rollout: step s at slot C + s
     """
 
-    def __init__(self, num_envs, num_steps, memory_length, num_layers, dim, dtype, device):
+    def __init__(self, num_envs, num_steps, memory_length, num_layers, dim, dtype, device, cue_in_view=False):
         self.context = memory_length - 1
         self.memory_length = memory_length
         # (C,): how many slots each slot of a rollout step's window lies before the step (band_mask's ages)
@@ -820,6 +837,8 @@ class Timeline:
         # the standardised memory (Transformer.standardise) that the rollout attends to, and without a learned
         # encoding the update too: (E, C+S, L, D)
         self.standardised = torch.zeros((num_envs, slots, num_layers, dim), device=device)
+        # with cue_in_view, whether each slot's observation showed the cue (MiniGrid Memory, see cue_in_view): (E, C+S)
+        self.cue_in_view = torch.zeros((num_envs, slots), dtype=torch.bool, device=device) if cue_in_view else None
 
     def carry_over(self):
         """Moves the last C steps, standardised as they are, to the front, making room for the next rollout."""
@@ -827,6 +846,8 @@ class Timeline:
             self.memory[:, : self.context] = self.memory[:, -self.context :].clone()
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
             self.standardised[:, : self.context] = self.standardised[:, -self.context :].clone()
+            if self.cue_in_view is not None:
+                self.cue_in_view[:, : self.context] = self.cue_in_view[:, -self.context :].clone()
 
     @torch.inference_mode()
     def standardise(self, transformer, slots):
@@ -857,7 +878,7 @@ def compiled_rollout_step():
 class Rollout:
     """One rollout's samples, env-major (E, S, ...), and the timeline of cached memory that they attend to."""
 
-    def __init__(self, args, observation_space, num_branches, memory_length, device):
+    def __init__(self, args, observation_space, num_branches, memory_length, device, cue_in_view=False):
         E, S = args.num_envs, args.num_steps
         obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
         self.obs = torch.zeros((E, S) + observation_space.shape, dtype=obs_dtype, device=device)
@@ -866,7 +887,7 @@ class Rollout:
         self.rewards = torch.zeros((E, S), device=device)
         self.values = torch.zeros((E, S), device=device)
         memory_dtype = getattr(torch, args.memory_dtype)
-        self.timeline = Timeline(E, S, memory_length, args.trxl_num_layers, args.trxl_dim, memory_dtype, device)
+        self.timeline = Timeline(E, S, memory_length, args.trxl_num_layers, args.trxl_dim, memory_dtype, device, cue_in_view)
 
     def advantages(self, next_value, next_episode_steps, gamma, gae_lambda):
         """The GAE advantages (E, S) of this rollout, bootstrapped with next_value (E,) of the observations that
@@ -894,6 +915,8 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
     for s in range(rollout.obs.shape[1]):
         rollout.obs[:, s] = next_obs
         timeline.steps[:, context + s] = next_episode_steps
+        if timeline.cue_in_view is not None:
+            timeline.cue_in_view[:, context + s] = torch.as_tensor(cue_in_view(envs), device=device)
         action, logprob, value, layer_inputs = policy_step(agent, timeline, derived, next_obs, next_episode_steps, s)
         rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
         timeline.memory[:, context + s] = layer_inputs
@@ -981,30 +1004,71 @@ def distinct_images(images):
     return images.index_select(0, first), index
 
 
-def evaluate(agent, timeline, chunks, obs, actions):
-    """The update's pass over chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps, whose
-    bands reach the timeline slots [first step, C + last step]. obs (G, Q, *obs_shape), actions (G, Q, branches);
-    images are encoded once each (distinct_images), vectors, which one product encodes, as they are.
-    agent may be wrapped: DistributedDataParallel keeps it as .module, torch.compile passes attributes through."""
+def chunk_windows(timeline, chunks):
+    """The timeline slots that chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps attend to:
+    (env rows (G, 1), slots (G, C+Q)), their bands reaching from the first step's slot to C + the last step."""
     rows, steps = chunks
-    slots = steps[:, :1] + torch.arange(timeline.context + steps.shape[1], device=steps.device)  # (G, C+Q)
+    return rows, steps[:, :1] + torch.arange(timeline.context + steps.shape[1], device=steps.device)
+
+
+def evaluate(agent, timeline, chunks, obs, actions, need_weights=False):
+    """The update's pass over chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps (Agent.forward).
+    obs (G, Q, *obs_shape), actions (G, Q, branches); images are encoded once each (distinct_images), vectors, which
+    one product encodes, as they are. agent may be wrapped: DistributedDataParallel keeps it as .module,
+    torch.compile passes attributes through."""
+    windows = chunk_windows(timeline, chunks)
     learns_positions = getattr(agent, "module", agent).transformer.learns_positions
-    window = take(timeline.memory if learns_positions else timeline.standardised, (rows, slots))  # (G, C+Q, L, D)
+    window = take(timeline.memory if learns_positions else timeline.standardised, windows)  # (G, C+Q, L, D)
     images, image_index = obs.flatten(0, 1), None
     if obs.dtype == torch.uint8:
         images, image_index = distinct_images(images)
-    return agent(images, image_index, actions, window, take(timeline.steps, (rows, slots)), timeline.memory_length)
+    steps = take(timeline.steps, windows)  # (G, C+Q)
+    return agent(images, image_index, actions, window, steps, timeline.memory_length, need_weights)
 
 
-def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns):
+def attention_summary(weights, timeline, chunks):
+    """What the steps of chunks attended to, from the update's attention weights over their windows
+    [(G, H, Q, C+Q)] * L. Returns (L, 3): each layer's mean age of the attended slots (in steps before the query),
+    the entropy of its attention (nats; log w for w slots attended alike), and the attention on the slots whose
+    observation showed the cue (0 without a cue_in_view record), each averaged over the heads and over the steps
+    that may attend some slot (t >= 1)."""
+    windows = chunk_windows(timeline, chunks)
+    num_slots, context = windows[1].shape[1], timeline.context
+    positions = torch.arange(num_slots, device=windows[1].device)
+    ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
+    attending = (take(timeline.steps, windows)[:, context:] > 0).unsqueeze(1)  # (G, 1, Q)
+    if timeline.cue_in_view is None:
+        cue = torch.zeros(windows[1].shape, device=ages.device)
+    else:
+        cue = take(timeline.cue_in_view, windows).float()  # (G, C+Q)
+    summary = []
+    for layer_weights in weights:  # (G, H, Q, C+Q)
+        per_query = torch.stack(
+            [
+                (layer_weights * ages).sum(-1),
+                torch.special.entr(layer_weights).sum(-1),
+                (layer_weights * cue[:, None, None, :]).sum(-1),
+            ],
+            dim=-1,
+        )  # (G, H, Q, 3)
+        summary.append(
+            (per_query * attending.unsqueeze(-1)).sum((0, 1, 2)) / (attending.sum().clamp(min=1) * layer_weights.shape[1])
+        )
+    return torch.stack(summary)
+
+
+def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns, need_attention=False):
     """The loss of minibatch mb = (env rows (E, 1), steps (E, Q)) of rollout, whose E*Q samples learner (the agent,
     or its wrapper) evaluates, flattened: the clipped PPO loss with per-branch ratios, the (clipped) value loss,
     the entropy bonus and the optional loss of agent's observation reconstruction (binary cross-entropy against the
     observation / 255), as published. advantages, returns (E, S).
 
-    Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, and the log-ratio and ratio (E*Q, branches)."""
+    Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, the log-ratio and ratio (E*Q, branches),
+    and with need_attention the attention_summary (L, 3) of the minibatch (else None)."""
     mb_obs = take(rollout.obs, mb)  # (E, Q, *obs_shape)
-    newlogprob, entropy, newvalue, hidden = evaluate(learner, rollout.timeline, mb, mb_obs, rollout.actions[mb])
+    newlogprob, entropy, newvalue, hidden, weights = evaluate(
+        learner, rollout.timeline, mb, mb_obs, rollout.actions[mb], need_attention
+    )
     mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (E*Q, branches)
     mb_advantages, mb_returns, mb_values = advantages[mb].flatten(), returns[mb].flatten(), rollout.values[mb].flatten()
     if args.norm_adv:
@@ -1029,7 +1093,8 @@ def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns):
     if args.reconstruction_coef > 0.0:
         r_loss = F.binary_cross_entropy(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
         loss = loss + args.reconstruction_coef * r_loss
-    return loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio
+    attention = attention_summary([w.detach() for w in weights], rollout.timeline, mb) if need_attention else None
+    return loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio, attention
 
 
 def save_atomically(obj, path):
@@ -1285,7 +1350,7 @@ if __name__ == "__main__":
     policy_step = rollout_step
     if args.compile:  # compiled at their first calls, the rollout step once more when its step index changes
         learner, policy_step = torch.compile(learner), compiled_rollout_step()
-    rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device)
+    rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device, is_minigrid_memory(args.env_id))
 
     # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
     wandb_id = checkpoint.get("wandb_id") if checkpoint else None
@@ -1333,12 +1398,15 @@ if __name__ == "__main__":
         returns = advantages + rollout.values
 
         # Update: every minibatch holds a chunk of every env's steps, drawn at random
-        stats = []
+        # (the first epoch also summarises the attention over the whole rollout, see attention_summary)
+        stats, attention = [], []
         for epoch in range(args.update_epochs):
             for mb in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
-                loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio = ppo_loss(
-                    args, ent_coef, learner, agent, rollout, mb, advantages, returns
+                loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio, mb_attention = ppo_loss(
+                    args, ent_coef, learner, agent, rollout, mb, advantages, returns, need_attention=epoch == 0
                 )
+                if mb_attention is not None:
+                    attention.append(mb_attention)
                 parameters.grad.zero_()
                 loss.backward()
                 nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
@@ -1357,7 +1425,11 @@ if __name__ == "__main__":
             y_pred, y_true = rollout.values.flatten(), returns.flatten()
             explained_var = 1 - (y_true - y_pred).var() / y_true.var()
             iteration_stats = torch.cat(
-                [torch.stack(stats).mean(0), torch.stack([advantages.mean(), y_pred.mean(), explained_var])]
+                [
+                    torch.stack(stats).mean(0),
+                    torch.stack([advantages.mean(), y_pred.mean(), explained_var]),
+                    torch.stack(attention).mean(0).flatten(),  # (L * 3,)
+                ]
             )
         (
             pg_loss,
@@ -1371,6 +1443,7 @@ if __name__ == "__main__":
             advantage_mean,
             value_mean,
             explained_var,
+            *attention,
         ) = mean_over_ranks(iteration_stats).tolist()
         if not (math.isfinite(loss) and parameters.isfinite().all()):
             envs.close()
@@ -1402,6 +1475,11 @@ if __name__ == "__main__":
                 "losses/clipfrac": clipfrac,
                 "losses/explained_variance": explained_var,
             }
+            for layer, (mean_age, entropy, cue_weight) in enumerate(zip(*[iter(attention)] * 3)):
+                scalars[f"attention/layer{layer}_mean_age"] = mean_age
+                scalars[f"attention/layer{layer}_entropy"] = entropy
+                if rollout.timeline.cue_in_view is not None:
+                    scalars[f"attention/layer{layer}_cue_weight"] = cue_weight
             if episode_infos:
                 r_mean, l_mean, t_mean = (float(np.mean(column)) for column in zip(*episode_infos))
                 scalars.update({"episode/r_mean": r_mean, "episode/l_mean": l_mean, "episode/t_mean": t_mean})

@@ -13,6 +13,7 @@ import ppo_trxl
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "published_format_vector.pt"
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+CUE_VARIANT = "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0"
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # --encoder-dtype bfloat16 rounds the encoder's outputs to 8 bits, and where a batch's accumulation order tips a
 # rounding, the log-probs and values move by about 1e-4 (measured on the default MortarMayhem-Grid model)
@@ -138,7 +139,7 @@ def test_trainer_paths_replay_the_golden_episode(golden, device):
     torch.testing.assert_close(timeline.memory[0, context:], episode["final_episode_memory"], **TOLERANCE)
 
     with torch.enable_grad():  # the update's explicit attention
-        log_probs, entropy, value, _ = ppo_trxl.evaluate(
+        log_probs, entropy, value, _, _ = ppo_trxl.evaluate(
             agent,
             timeline,
             (torch.tensor([[0]], device=device), torch.arange(length, device=device).unsqueeze(0)),
@@ -228,7 +229,7 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
                 if "repeated_images" in seen:
                     seen["repeated_images"] += ppo_trxl.distinct_images(rollout.obs[mb].flatten(0, 1))[1] is not None
                 with torch.enable_grad():  # as the update evaluates
-                    log_probs, _, value, _ = ppo_trxl.evaluate(learner, timeline, mb, rollout.obs[mb], rollout.actions[mb])
+                    log_probs, _, value, _, _ = ppo_trxl.evaluate(learner, timeline, mb, rollout.obs[mb], rollout.actions[mb])
                 torch.testing.assert_close(log_probs, rollout.logprobs[mb].flatten(0, 1), **tolerance)
                 torch.testing.assert_close(value, rollout.values[mb].flatten(), **tolerance)
             assert (covered == 2).all(), "the minibatches deal every step exactly once"
@@ -410,7 +411,9 @@ def test_flat_parameters_train_like_separate_ones():
     def train_step(agent, parameters):
         optimizer = torch.optim.AdamW(parameters, lr=1e-2, fused=True)
         for _ in range(2):
-            log_probs, entropy, value, hidden = agent(obs.flatten(0, 1), None, actions, window, episode_steps, memory_length)
+            log_probs, entropy, value, hidden, _ = agent(
+                obs.flatten(0, 1), None, actions, window, episode_steps, memory_length
+            )
             loss = log_probs.sum() + entropy.mean() + value.pow(2).mean() + agent.reconstruct_observation(hidden).mean()
             for p in parameters:
                 p.grad = None if p is not flat else p.grad.zero_()
@@ -437,7 +440,8 @@ def minigrid_rollouts(env_id, rollouts=2, **flags):
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = ppo_trxl.make_envs(args, "test", seed=3)
     memory_length = min(args.trxl_memory_length, max_episode_steps)
     agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps)
-    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, "cpu")
+    cue = ppo_trxl.is_minigrid_memory(env_id)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, "cpu", cue)
     state = torch.as_tensor(next_obs), torch.zeros(args.num_envs, dtype=torch.long)
     for _ in range(rollouts):
         *state, next_value, _ = ppo_trxl.collect_rollout(agent, envs, rollout, *state)
@@ -508,6 +512,56 @@ def test_ppo_loss_is_the_published_objective():
         (loss, expected_loss),
     ]:
         torch.testing.assert_close(actual, expected, **TOLERANCE)
+
+
+@torch.no_grad()
+def test_attention_summary_matches_the_published_windows():
+    """The attention that the trainer logs for a minibatch (its first epoch's, before any gradient step) is what the
+    published model's attention weights over each sample's window give: per layer, the mean age of the attended
+    steps, the entropy, and the weight on the steps that showed the cue, averaged over heads and the samples at t >= 1.
+    The first rollout's windows hold every episode's first step, which shows the cue on the cue-at-start variant."""
+    args, agent, rollout, advantages, returns = minigrid_rollouts(CUE_VARIANT, rollouts=1)
+    timeline = rollout.timeline
+    assert timeline.cue_in_view[:, timeline.context].all()
+
+    mb = next(ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, "cpu"))
+    with torch.enable_grad():  # as the update evaluates
+        summary = ppo_trxl.ppo_loss(args, 0.0, agent, agent, rollout, mb, advantages, returns, need_attention=True)[-1]
+
+    per_sample = []  # (L, 3) for each sample at t >= 1
+    for env, s, slot, t in minibatch_samples(rollout, mb):
+        if t == 0:
+            continue
+        memory, mask, indices = published_window(timeline, env, slot, t, timeline.memory_length)
+        _, _, weights = agent.window_pass(rollout.obs[env, s : s + 1], memory[None], mask[None], indices[None])
+        ages = (t - indices).float()  # (M,)
+        cue = torch.tensor(
+            [bool(timeline.cue_in_view[env, slot - (t - step)]) if step < t else False for step in indices.tolist()]
+        )
+        rows = []
+        for layer_weights in weights:  # (1, H, M)
+            w = layer_weights[0]
+            entropy = -(w * w.clamp(min=1e-30).log()).sum(-1)
+            rows.append(torch.stack([(w * ages).sum(-1), entropy, (w * cue.float()).sum(-1)], -1).mean(0))
+        per_sample.append(torch.stack(rows))
+    torch.testing.assert_close(summary, torch.stack(per_sample).mean(0), **TOLERANCE)
+    assert (summary[:, 2] > 0).all(), "some attention on the cue's steps"
+
+
+@pytest.mark.parametrize("env_id", ["MiniGrid-MemoryS9-v0", CUE_VARIANT])
+def test_cue_in_view_reads_the_grid(env_id):
+    """The cue lies at (1, 3) of MiniGrid-MemoryS9's start room: facing east at reset, the agent's 3x3 view shows it
+    from x = 1 only, which the cue-at-start variant always starts at, and one step forward takes it out of view."""
+    assert ppo_trxl.is_minigrid_memory(env_id) and not ppo_trxl.is_minigrid_memory("ProofofMemory-v0")
+    envs = gym.vector.SyncVectorEnv([ppo_trxl.make_env(env_id, i, False, "test") for i in range(12)])
+    envs.reset(seed=0)
+    start_x = np.array([env.unwrapped.agent_pos[0] for env in envs.envs])
+    assert (start_x == 1).any() and (env_id == CUE_VARIANT or (start_x > 1).any())
+    assert np.array_equal(ppo_trxl.cue_in_view(envs), start_x == 1)
+    forward = 2
+    envs.step(np.full(12, forward))
+    assert not ppo_trxl.cue_in_view(envs).any()
+    envs.close()
 
 
 def test_biases_keep_the_default_initialisation():

@@ -314,6 +314,23 @@ def test_pom_logs_every_scalar_at_every_batch(pom_run):
     assert scalars["charts/entropy_coefficient"][0][1] == pytest.approx(1e-4, rel=1e-6)
     assert scalars["charts/learning_rate"][1][1] < scalars["charts/learning_rate"][0][1]
     assert all(value == 0 for _, value in scalars["losses/reconstruction_loss"])
+    check_attention_log(scalars, TINY_STEPS, cue=False)
+
+
+def check_attention_log(scalars, steps, cue, memory_length=TINY["trxl-memory-length"]):
+    """The attention logged for the tiny runs' one layer at every iteration: the mean age of the attended steps within
+    the band, an entropy of at most that of a uniform band, and with cue the attention on the steps that showed it."""
+    for name, low, high in [
+        ("mean_age", 1, memory_length - 1),
+        ("entropy", 0, math.log(memory_length - 1)),
+        ("cue_weight", 0, 1),
+    ]:
+        tag = f"attention/layer0_{name}"
+        if name == "cue_weight" and not cue:
+            assert tag not in scalars, "only MiniGrid Memory envs tell where their cue is"
+            continue
+        assert [step for step, _ in scalars[tag]] == steps, tag
+        assert all(low <= value <= high for _, value in scalars[tag]), (tag, scalars[tag])
 
 
 # 2. Memory Gym
@@ -424,6 +441,7 @@ def test_minigrid_memory(train):
     for tag in ALWAYS_LOGGED:
         assert [step for step, _ in scalars[tag]] == [128, 256], tag
     assert 0 < scalars["episode/l_mean"][-1][1] <= 96
+    check_attention_log(scalars, [128, 256], cue=True)
     weights = run.checkpoint()["model_weights"]
     assert weights["encoder.0.weight"].shape == (32, 3, 8, 8)
     assert weights["encoder.0.weight"].is_contiguous(), "saved in the published layout, not the training one"
