@@ -353,6 +353,8 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
             env = gym.make(env_id, render_mode=mode)
         if capture_video and idx == 0:
             env = VideoRecorder(env, f"videos/{run_name}")
+        if is_minigrid_memory(env_id):  # outermost, so that the trainer reaches cue_in_view() without a lookup
+            env = CueInView(env)
         return env
 
     find_env_spec(env_id)
@@ -366,12 +368,22 @@ def is_minigrid_memory(env_id):
     return isinstance(creator, type) and issubclass(creator, MemoryEnv)
 
 
+class CueInView(gym.Wrapper):
+    """A MiniGrid Memory env that tells whether the agent's view shows the cue, the object at (1, height // 2 - 1) of
+    its start room. The agent never sees this: the trainer logs how much attention the steps that showed it get."""
+
+    def cue_in_view(self):
+        # the cue lies in the view's square (in_view) only while the agent stands in the open start room, where no
+        # wall can hide it: the same answer as agent_sees (all of 32,000 random steps of 16 envs), without
+        # rendering the view again (0.4 ms a step of the 16 envs instead of 1.5 ms; their steps take 12 ms)
+        env = self.env.unwrapped
+        return env.in_view(1, env.height // 2 - 1)
+
+
 def cue_in_view(envs):
-    """(E,) bool: whether each MiniGrid Memory env's view shows its cue, the object at (1, height // 2 - 1) in its
-    start room, as the env's grid tells. The agent never sees this: it is logged to show how much attention the
-    steps that showed the cue get."""
-    height = envs.get_attr("height")[0]
-    return np.array(envs.call("agent_sees", 1, height // 2 - 1), dtype=bool)
+    """(E,) bool: whether each env's view shows its cue (CueInView), asked of the vector env's envs directly: through
+    gymnasium's wrappers every attribute lookup would raise and filter a deprecation warning, at a cost of a few ms a step."""
+    return np.array(envs.unwrapped.call("cue_in_view"), dtype=bool)
 
 
 def in_subprocess(thunk):
