@@ -25,7 +25,7 @@ ENV = {
     "MPLBACKEND": "Agg",
     "PYTHONPATH": str(ROOT),
 }
-DOCUMENTED_ENV_IDS = [
+EXPERIMENT_ENV_IDS = [
     "MortarMayhem-Grid-v0",
     "MortarMayhem-v0",
     "MysteryPath-Grid-v0",
@@ -35,6 +35,7 @@ DOCUMENTED_ENV_IDS = [
     "Endless-MysteryPath-v0",
     "Endless-SearingSpotlights-v0",
     "MiniGrid-MemoryS9-v0",
+    "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0",
     "ProofofMemory-v0",
 ]
 TINY_RUN = (
@@ -59,10 +60,10 @@ def flag_values(tokens):
     return flags
 
 
-def test_dry_run_prints_every_documented_experiment_with_its_flags():
+def test_dry_run_prints_every_experiment_with_its_flags():
     commands = [shlex.split(line) for line in run(["bash", str(RUNNER), "--dry-run"]).splitlines()]
     runs = sorted((flag_values(command)["--env-id"], flag_values(command)["--seed"]) for command in commands)
-    assert runs == sorted((env_id, seed) for env_id in DOCUMENTED_ENV_IDS for seed in "123")
+    assert runs == sorted((env_id, seed) for env_id in EXPERIMENT_ENV_IDS for seed in "123")
     assert all(command[:2] == ["python", "ppo_trxl.py"] for command in commands)
 
     by_env = {flag_values(command)["--env-id"]: flag_values(command) for command in commands}
@@ -84,9 +85,32 @@ def test_dry_run_prints_every_documented_experiment_with_its_flags():
         "--clip-coef": "0.2",
     }
     assert by_env["ProofofMemory-v0"] == {"--env-id": "ProofofMemory-v0", "--seed": "3", **pom}
-    minigrid = {"--num-envs": "16", "--num-steps": "256", "--trxl-dim": "256", "--trxl-memory-length": "64"}
-    assert minigrid.items() <= by_env["MiniGrid-MemoryS9-v0"].items()
-    assert {"--anneal-steps": "4096000", "--total-timesteps": "2048000"}.items() <= by_env["MiniGrid-MemoryS9-v0"].items()
+    # MiniGrid Memory in the configuration that learns it (README.md, MiniGrid Memory)
+    minigrid = {
+        "--num-envs": "16",
+        "--num-steps": "256",
+        "--trxl-num-layers": "2",
+        "--trxl-num-heads": "4",
+        "--trxl-dim": "256",
+        "--trxl-memory-length": "64",
+        "--trxl-positional-encoding": "none",
+        "--init-lr": "3.5e-4",
+        "--final-lr": "3.5e-4",
+        "--init-ent-coef": "1e-3",
+        "--final-ent-coef": "1e-3",
+        "--update-epochs": "5",
+        "--clip-coef": "0.1",
+        "--max-grad-norm": "0.5",
+        "--gamma": "0.99",
+    }
+    assert by_env["MiniGrid-MemoryS9-v0"] == {
+        "--env-id": "MiniGrid-MemoryS9-v0",
+        "--seed": "3",
+        "--total-timesteps": "2048000",
+        **minigrid,
+    }
+    cue = "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0"
+    assert by_env[cue] == {"--env-id": cue, "--seed": "3", "--total-timesteps": "1024000", **minigrid}
     assert by_env["MortarMayhem-Grid-v0"]["--norm-adv"] is True
     endless = by_env["Endless-SearingSpotlights-v0"]
     assert (endless["--reconstruction-coef"], endless["--trxl-memory-length"], endless["--total-timesteps"]) == (
@@ -138,8 +162,8 @@ def test_slurm_dry_run_prints_a_valid_job_array_script(tmp_path):
     script, commands = output.split(f"# {tmp_path}/commands.txt\n")
     script = script.split(f"# {tmp_path}/job.sbatch\n")[1]
     commands = commands.splitlines()
-    assert len(commands) == 30
-    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH --array=0-29\n" in script
+    assert len(commands) == 3 * len(EXPERIMENT_ENV_IDS)
+    assert "#SBATCH --gres=gpu:1" in script and f"#SBATCH --array=0-{len(commands) - 1}\n" in script
     (tmp_path / "job.sbatch").write_text(script)
     run(["bash", "-n", str(tmp_path / "job.sbatch")])
 
