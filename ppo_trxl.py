@@ -1411,14 +1411,14 @@ if __name__ == "__main__":
 
         # Update: every minibatch holds a chunk of every env's steps, drawn at random
         # (the first epoch also summarises the attention over the whole rollout, see attention_summary)
-        stats, attention = [], []
+        stats, attention_summaries = [], []
         for epoch in range(args.update_epochs):
             for mb in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
                 loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio, mb_attention = ppo_loss(
                     args, ent_coef, learner, agent, rollout, mb, advantages, returns, need_attention=epoch == 0
                 )
                 if mb_attention is not None:
-                    attention.append(mb_attention)
+                    attention_summaries.append(mb_attention)
                 parameters.grad.zero_()
                 loss.backward()
                 nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
@@ -1440,7 +1440,7 @@ if __name__ == "__main__":
                 [
                     torch.stack(stats).mean(0),
                     torch.stack([advantages.mean(), y_pred.mean(), explained_var]),
-                    torch.stack(attention).mean(0).flatten(),  # (L * 3,)
+                    torch.stack(attention_summaries).mean(0).flatten(),  # (L * 3,)
                 ]
             )
         (
@@ -1487,7 +1487,8 @@ if __name__ == "__main__":
                 "losses/clipfrac": clipfrac,
                 "losses/explained_variance": explained_var,
             }
-            for layer, (mean_age, entropy, cue_weight) in enumerate(zip(*[iter(attention)] * 3)):
+            for layer in range(len(attention) // 3):
+                mean_age, entropy, cue_weight = attention[3 * layer : 3 * layer + 3]
                 scalars[f"attention/layer{layer}_mean_age"] = mean_age
                 scalars[f"attention/layer{layer}_entropy"] = entropy
                 if rollout.timeline.cue_in_view is not None:
