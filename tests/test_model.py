@@ -189,7 +189,14 @@ def full_float32():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize(
+    "config",
+    [
+        # torch.compile builds its CPU kernels for about 3 minutes: with -m slow
+        pytest.param(config, id=name, marks=[pytest.mark.slow] if config.get("compile") else [])
+        for name, config in CONFIGS.items()
+    ],
+)
 def test_update_sees_what_the_rollout_saw(config, device, full_float32):
     """Before any gradient step, the update's log-probs and values equal the rollout's for every sample,
     and both equal the published model given the window the published rule builds step by step."""
