@@ -31,7 +31,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Annotated, Literal, NamedTuple, Optional
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
@@ -72,44 +72,55 @@ def encoding_of(name):
     return "" if name == "none" else name
 
 
+DTYPES = ("float32", "bfloat16")
+"""The --memory-dtype and --encoder-dtype choices."""
+
 DEFAULT_EPISODE_LIMIT = 1024
 """The episode limit T of envs that have none (the Endless ids): it sizes the positional encoding."""
 
 
 @dataclass
-class Args:
+class ExperimentArgs:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """make cuDNN's convolutions deterministic (torch.backends.cudnn.deterministic); --no-torch-deterministic may be faster"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """train on the GPU when one is available; --no-cuda trains on the CPU"""
     track: bool = False
-    """if toggled, this experiment will be tracked with Weights and Biases"""
+    """track the experiment with Weights and Biases"""
     wandb_project_name: str = "cleanRL"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
-    """whether to capture videos of the agent performances (check out `videos` folder)"""
+    """record videos of env 0's episodes 0, 1, 8, 27, ... to `videos/{run_name}`"""
     save_model: bool = False
-    """whether to save the model into the `runs/{run_name}` folder"""
+    """save the final model to `runs/{run_name}/{exp_name}.cleanrl_model` (the published format, for enjoy.py)"""
+    progress: bool = False
+    """show a progress bar instead of a line per iteration"""
 
-    # Algorithm specific arguments
+
+@dataclass
+class EnvArgs:
     env_id: str = "MortarMayhem-Grid-v0"
     """the id of the environment (`module:EnvId` imports the module that registers it)"""
+    num_envs: int = 32
+    """the number of parallel game environments"""
+    async_envs: bool = False
+    """step every env in a subprocess of its own (gymnasium's AsyncVectorEnv): faster with spare CPU cores, as on GPU machines"""
+
+
+@dataclass
+class PPOArgs:
     total_timesteps: int = 200000000
     """total timesteps of the experiments"""
     init_lr: float = 2.75e-4
     """the initial learning rate of the optimizer"""
     final_lr: float = 1.0e-5
     """the final learning rate of the optimizer after linearly annealing"""
-    num_envs: int = 32
-    """the number of parallel game environments"""
-    async_envs: bool = False
-    """step every env in a subprocess of its own (gymnasium's AsyncVectorEnv): faster with spare CPU cores, as on GPU machines"""
     num_steps: int = 512
     """the number of steps to run in each environment per policy rollout"""
     anneal_steps: int = 32 * 512 * 10000
@@ -123,11 +134,11 @@ class Args:
     update_epochs: int = 3
     """the K epochs to update the policy"""
     norm_adv: bool = False
-    """toggles advantages normalization"""
+    """normalize the advantages of each minibatch"""
     clip_coef: float = 0.1
     """the surrogate clipping coefficient"""
     clip_vloss: bool = True
-    """toggles whether or not to use a clipped loss for the value function, as per the paper"""
+    """clip the value loss with clip_coef, as per the paper"""
     init_ent_coef: float = 0.0001
     """initial coefficient of the entropy bonus"""
     final_ent_coef: float = 0.000001
@@ -138,8 +149,12 @@ class Args:
     """the maximum norm for the gradient clipping"""
     target_kl: Optional[float] = None
     """the target KL divergence threshold"""
+    reconstruction_coef: float = 0.0
+    """the coefficient of the observation reconstruction loss, if set to 0.0 the reconstruction loss is not used"""
 
-    # Transformer-XL specific arguments
+
+@dataclass
+class TrXLArgs:
     trxl_num_layers: int = 3
     """the number of transformer layers"""
     trxl_num_heads: int = 4
@@ -148,24 +163,12 @@ class Args:
     """the dimension of the transformer"""
     trxl_memory_length: int = 119
     """the length of the memory window (clipped to the episode limit); the last memory_length - 1 steps are attended"""
-    trxl_positional_encoding: str = "absolute"
+    trxl_positional_encoding: Literal[POSITIONAL_ENCODINGS] = "absolute"
     """the positional encoding of the memory: absolute (sinusoids), learned, or none ("" also means none)"""
-    memory_dtype: str = "float32"
-    """the dtype in which the cached memory of the rollout is stored: float32, or bfloat16 to halve it"""
 
-    # Speed at a price (README: Mixed precision and compilation)
-    encoder_dtype: str = "float32"
-    """the dtype in which the observation encoder and the reconstruction decoder compute: float32, or bfloat16
-    (mixed precision, torch.autocast) for about twice their speed on GPUs and on CPUs with AMX"""
-    compile: bool = False
-    """compile the rollout's policy step and the update's forward pass with torch.compile: faster once compiled,
-    which takes up to a minute at the start and needs a C++ compiler"""
 
-    # Reconstruction loss
-    reconstruction_coef: float = 0.0
-    """the coefficient of the observation reconstruction loss, if set to 0.0 the reconstruction loss is not used"""
-
-    # Long runs
+@dataclass
+class CheckpointArgs:
     checkpoint_interval: int = 0
     """write a training checkpoint every this many iterations to `runs/{run_name}/checkpoints` (0: only when stopped by a signal)"""
     keep_checkpoints: int = 3
@@ -173,7 +176,34 @@ class Args:
     resume: Optional[str] = None
     """a training checkpoint or a run directory whose newest checkpoint to continue; its flags are the defaults"""
 
-    # to be filled in runtime
+
+@dataclass
+class PerformanceArgs:
+    memory_dtype: Literal[DTYPES] = "float32"
+    """the dtype in which the cached memory of the rollout is stored: bfloat16 halves it"""
+    encoder_dtype: Literal[DTYPES] = "float32"
+    """the dtype in which the observation encoder and the reconstruction decoder compute: bfloat16 (mixed precision,
+    torch.autocast) is about twice as fast on GPUs and on CPUs with AMX"""
+    compile: bool = False
+    """compile the rollout's policy step and the update's forward pass with torch.compile: faster once compiled,
+    which takes up to a minute at the start and needs a C++ compiler"""
+
+
+ARG_GROUPS = {
+    "experiment": ExperimentArgs,
+    "env": EnvArgs,
+    "ppo": PPOArgs,
+    "trxl": TrXLArgs,
+    "checkpoints": CheckpointArgs,
+    "performance": PerformanceArgs,
+}
+"""The flags as --help shows them, group by group; every flag keeps its flat name (--gamma, not --ppo.gamma)."""
+
+
+@dataclass
+class Args(PerformanceArgs, CheckpointArgs, TrXLArgs, PPOArgs, EnvArgs, ExperimentArgs):
+    """All flags in one flat dataclass (the bases' fields, in ARG_GROUPS' order), and the sizes they imply."""
+
     batch_size: int = field(init=False)
     """the batch size (num_envs * num_steps)"""
     minibatch_size: int = field(init=False)
@@ -185,6 +215,30 @@ class Args:
         self.batch_size = self.num_envs * self.num_steps
         self.minibatch_size = self.batch_size // max(self.num_minibatches, 1)
         self.num_iterations = self.total_timesteps // max(self.batch_size * world_size(), 1)
+
+
+DESCRIPTION = """PPO with a Transformer-XL episodic memory (PPO-TrXL) for partially observable tasks (README.md).
+
+Example, Proof of Memory in about a minute on a CPU:
+  python ppo_trxl.py --env-id ProofofMemory-v0 --total-timesteps 25000 --num-envs 16 --num-steps 128 --update-epochs 4 \\
+    --trxl-num-layers 4 --trxl-num-heads 1 --trxl-dim 64 --trxl-memory-length 16 --trxl-positional-encoding none \\
+    --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 --clip-coef 0.2 --no-cuda"""
+
+
+def cli(defaults=None):
+    """Args from the command line, the flags grouped in --help; defaults (Args) replace the built-in defaults."""
+    defaults = defaults or Args()
+    Flags = dataclasses.make_dataclass(
+        "Flags", [(name, Annotated[group, tyro.conf.OmitArgPrefixes]) for name, group in ARG_GROUPS.items()]
+    )
+    grouped_defaults = Flags(
+        **{
+            name: group(**{flag.name: getattr(defaults, flag.name) for flag in dataclasses.fields(group)})
+            for name, group in ARG_GROUPS.items()
+        }
+    )
+    flags = tyro.cli(Flags, description=DESCRIPTION, default=grouped_defaults)
+    return Args(**{name: value for group in ARG_GROUPS for name, value in vars(getattr(flags, group)).items()})
 
 
 def world_size():
@@ -212,8 +266,12 @@ def leave_process_group(exit_code):
 
 def check_args(args):
     """Rejects flag combinations that cannot work, before any env is created or file written."""
-    if min(args.num_envs, args.num_steps, args.num_minibatches, args.update_epochs) < 1:
-        fail("--num-envs, --num-steps, --num-minibatches and --update-epochs must all be at least 1")
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "trxl_num_layers", "trxl_num_heads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must be at least 1")
+    for name in ("gamma", "gae_lambda"):
+        if not 0 <= getattr(args, name) <= 1:
+            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must lie in [0, 1] (0.9 to 0.999 is usual)")
     if args.num_steps % args.num_minibatches:
         fail(
             f"--num-minibatches {args.num_minibatches} does not divide --num-steps {args.num_steps}: every minibatch "
@@ -226,20 +284,12 @@ def check_args(args):
         )
     if args.trxl_dim % args.trxl_num_heads:
         fail(f"--trxl-dim {args.trxl_dim} is not divisible by --trxl-num-heads {args.trxl_num_heads}")
-    if args.trxl_num_layers < 1:
-        fail("--trxl-num-layers must be at least 1")
     if args.trxl_memory_length < 2:
         fail(
             f"--trxl-memory-length {args.trxl_memory_length} is below 2: the window holds the current step, which is never attended"
         )
     if args.reconstruction_coef < 0:
         fail("--reconstruction-coef must be 0 (off) or positive")
-    if args.trxl_positional_encoding not in POSITIONAL_ENCODINGS:
-        fail(f"unknown --trxl-positional-encoding '{args.trxl_positional_encoding}': choose absolute, learned or none")
-    if args.memory_dtype not in ("float32", "bfloat16"):
-        fail(f"unknown --memory-dtype '{args.memory_dtype}': choose float32 or bfloat16")
-    if args.encoder_dtype not in ("float32", "bfloat16"):
-        fail(f"unknown --encoder-dtype '{args.encoder_dtype}': choose float32 or bfloat16")
     if args.compile and not cpp_compiler():
         fail("--compile needs a C++ compiler for torch.compile (g++, or the one $CXX names): install one or drop --compile")
     if args.checkpoint_interval < 0 or args.keep_checkpoints < 1:
@@ -1145,14 +1195,14 @@ def load_training_checkpoint(path):
 
 def parse_args():
     """The flags. With --resume, the checkpoint's flags are the defaults that the command line overrides."""
-    args = tyro.cli(Args)
+    args = cli()
     if args.resume is None:
         return args, None
     path = find_checkpoint(args.resume)
     checkpoint = load_training_checkpoint(path)
     flags = {field.name for field in dataclasses.fields(Args) if field.init}
     defaults = Args(**{**{name: value for name, value in checkpoint["args"].items() if name in flags}, "resume": path})
-    args = dataclasses.replace(tyro.cli(Args, default=defaults))  # replace() recomputes the derived sizes
+    args = cli(defaults)
     for name in ("env_id", "trxl_dim", "trxl_num_layers", "trxl_num_heads"):
         if getattr(args, name) != checkpoint["args"][name]:
             fail(
@@ -1196,14 +1246,17 @@ def restore_rng(rng):
 class StopSignals:
     """Turns SIGTERM and SIGINT into a request to stop after the current iteration; a second one stops at once."""
 
-    def __init__(self):
-        self.received = None
+    def __init__(self, announce):
+        self.received, self.announce = None, announce
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._request)
 
     def _request(self, signum, frame):
         self.received = signal.Signals(signum).name
         signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+        if self.announce:  # a raw write: a print here could land inside a print that the signal interrupted
+            again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            os.write(sys.stdout.fileno(), f"\nstopping after this iteration; {again} again to stop now\n".encode())
 
 
 def init_distributed(args):
@@ -1308,6 +1361,39 @@ def linear_schedule(initial, final, anneal_steps, step):
     return initial + (final - initial) * min(step / anneal_steps, 1.0)
 
 
+def banner(args, observation_space, action_space_shape, device, num_parameters, run_name, checkpoint):
+    """What the run is about to do, printed before its first iteration."""
+    if len(action_space_shape) == 1:
+        actions = f"Discrete({action_space_shape[0]})"
+    else:
+        actions = f"MultiDiscrete({list(action_space_shape)})"
+    cpu_fallback = " (CUDA requested but not available: using the CPU)" if args.cuda and device.type == "cpu" else ""
+    iteration_steps = args.batch_size * world_size()
+    ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
+    total_steps = args.num_iterations * iteration_steps
+    lines = [
+        f"env {args.env_id} | observations {observation_space} | actions {actions}",
+        f"device {device}{cpu_fallback} | model {num_parameters:,} parameters",
+        f"{args.num_iterations:,} iterations x {iteration_steps:,} steps ({args.num_envs} envs x {args.num_steps} steps{ranks})"
+        f" = {total_steps:,} steps | learning rate and entropy coefficient annealed over {args.anneal_steps:,} steps",
+    ]
+    if total_steps != args.total_timesteps:
+        lines.append(f"--total-timesteps {args.total_timesteps:,} is rounded down to whole iterations: {total_steps:,} steps")
+    if checkpoint:
+        lines.append(
+            f"resuming {checkpoint['path']} at step {checkpoint['global_step']:,} "
+            f"(iteration {checkpoint['iteration']} of {args.num_iterations} done)"
+        )
+    lines.append(f"run directory runs/{run_name} | to watch it: tensorboard --logdir runs")
+    return "\n".join(lines)
+
+
+def progress_bar(done, total, text, width=30):
+    """A console line that redraws itself (carriage return): a bar of done out of total, then text."""
+    filled = width * done // total
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] {done / total:4.0%} | {text}"
+
+
 def format_duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -1363,6 +1449,10 @@ if __name__ == "__main__":
     if args.compile:  # compiled at their first calls, the rollout step once more when its step index changes
         learner, policy_step = torch.compile(learner), compiled_rollout_step()
     rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device, is_minigrid_memory(args.env_id))
+    if rank == 0:
+        print(
+            banner(args, observation_space, action_space_shape, device, parameters.numel(), run_name, checkpoint), flush=True
+        )
 
     # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
     wandb_id = checkpoint.get("wandb_id") if checkpoint else None
@@ -1392,7 +1482,7 @@ if __name__ == "__main__":
     episode_infos = deque(maxlen=100)
     last_checkpoint = checkpoint and checkpoint["path"]
     stopping = None  # the signal that all ranks agreed to stop on
-    stop = StopSignals()
+    stop = StopSignals(announce=rank == 0)
     total_steps = args.num_iterations * args.batch_size * world_size()
     start_time, start_step = time.time(), global_step
 
@@ -1501,11 +1591,14 @@ if __name__ == "__main__":
                 writer.add_scalar(name, scalar, global_step)
             progress = f"return {r_mean:.2f} | length {l_mean:.1f}" if episode_infos else "no episode finished yet"
             eta = format_duration((total_steps - global_step) / max(sps, 1))
-            print(
-                f"iteration {iteration}/{args.num_iterations} | step {global_step}/{total_steps} | {sps} SPS | {progress}"
-                f" | remaining {eta}",
-                flush=True,
-            )
+            if args.progress:
+                print(progress_bar(global_step, total_steps, f"{sps} SPS | {progress} | remaining {eta}"), end="", flush=True)
+            else:
+                print(
+                    f"iteration {iteration}/{args.num_iterations} | step {global_step}/{total_steps} | {sps} SPS | {progress}"
+                    f" | remaining {eta}",
+                    flush=True,
+                )
 
             if stopping or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
                 last_checkpoint = save_checkpoint(
@@ -1523,9 +1616,12 @@ if __name__ == "__main__":
         if stopping:
             if rank == 0:
                 print(
-                    f"stopped by {stopping} at step {global_step}; resume with: {launcher()} ppo_trxl.py --resume runs/{run_name}"
+                    f"{os.linesep if args.progress else ''}stopped by {stopping} at step {global_step}; "
+                    f"resume with: {launcher()} ppo_trxl.py --resume runs/{run_name}"
                 )
             break
+    if rank == 0 and args.progress and not stopping:
+        print()
 
     digests = gather(parameters_digest(agent))
     if world_size() > 1:
@@ -1541,6 +1637,8 @@ if __name__ == "__main__":
         if args.track:
             wandb.finish()
     envs.close()
+    exit_code = 128 + signal.Signals[stopping] if stopping else 0  # 130 after SIGINT, 143 after SIGTERM, as shells tell
     if world_size() > 1:
         dist.destroy_process_group()
-        leave_process_group(0)
+        leave_process_group(exit_code)
+    sys.exit(exit_code)

@@ -250,10 +250,15 @@ def signalled(start):
 def test_signal_stops_cleanly_with_a_checkpoint(signalled, stop):
     runs, saved = signalled
     run = runs[stop]
-    assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    assert run.returncode == [143, 130][stop], f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"  # 128 + the signal
     assert "Traceback" not in run.stderr, run.stderr
     name, step, run_dir = STOP_LINE.match(run.stdout.splitlines()[-1]).groups()
     assert name == ["SIGTERM", "SIGINT"][stop]
+    # said at once, before the iteration under way ended
+    announced = run.stdout.splitlines().index(
+        f"stopping after this iteration; {['SIGTERM', 'Ctrl-C'][stop]} again to stop now"
+    )
+    assert run.stdout.splitlines()[announced + 1].startswith("iteration ")
     assert run_dir == f"runs/{run.run_dir.name}"
     # the iteration under way when the signal came is finished and is the last one
     assert run.iterations()[-1][2] == int(step)
@@ -270,6 +275,10 @@ def test_resume_after_signals_finishes(signalled):
     runs, _ = signalled
     sigterm, sigint, last = runs
     last.check()
+    for stopped, resumed in ((sigterm, sigint), (sigint, last)):
+        step = STOP_LINE.match(stopped.stdout.splitlines()[-1]).group(2)
+        resuming = f"resuming runs/{stopped.run_dir.name}/checkpoints/step-{int(step):012d}.pt at step {int(step):,}"
+        assert f"{resuming} (iteration {int(step) // BATCH} of {SIGNAL_ITERATIONS} done)" in resumed.stdout.splitlines()
     stopped_at = [run.iterations()[-1][0] for run in (sigterm, sigint)]
     expected = [(i, SIGNAL_ITERATIONS, BATCH * i, BATCH * SIGNAL_ITERATIONS) for i in range(1, SIGNAL_ITERATIONS + 1)]
     assert sigterm.iterations() + sigint.iterations() + last.iterations() == expected
@@ -285,7 +294,7 @@ def test_signal_to_the_group_with_async_envs_stops_cleanly(start, signum):
     the trainer, which steps them to the end of that iteration and stops with a checkpoint."""
     flags = tiny("tests.signal_env:SignalGroup-v0", "async-envs", total_timesteps=SIGNAL_ITERATIONS * BATCH)
     run = start(flags, f"group-{signum.name}", SIGNAL_GROUP_WITH=signum.name).finish()
-    assert run.returncode == 0 and "Traceback" not in run.stderr, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    assert run.returncode == 128 + signum and "Traceback" not in run.stderr, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert (run.cwd / "signal-sent").exists()
     assert STOP_LINE.match(run.stdout.splitlines()[-1]).groups()[:2] == (signum.name, str(2 * BATCH)), run.stdout
     assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{2 * BATCH:012d}.pt"]
@@ -392,11 +401,6 @@ BAD_INPUTS = {
     ),
     "checkpoint-interval": (lambda cwd, _: tiny("ProofofMemory-v0", checkpoint_interval=-1), "--checkpoint-interval"),
     "keep-checkpoints": (lambda cwd, _: tiny("ProofofMemory-v0", keep_checkpoints=0), "--keep-checkpoints"),
-    "positional-encoding": (
-        lambda cwd, _: tiny("ProofofMemory-v0", trxl_positional_encoding="bogus"),
-        "unknown --trxl-positional-encoding 'bogus'",
-    ),
-    "memory-dtype": (lambda cwd, _: tiny("ProofofMemory-v0", memory_dtype="float16"), "unknown --memory-dtype 'float16'"),
 }
 
 

@@ -293,6 +293,49 @@ def test_pom_console_lines(pom_run):
         assert int(match.group(5)) > 0
 
 
+def test_pom_banner_says_what_the_run_will_do(pom_run):
+    """The lines before the first iteration: env and spaces, device, model size, budget, run directory."""
+    banner = pom_run.stdout.split("\niteration 1/")[0].splitlines()
+    assert banner == [
+        "env ProofofMemory-v0 | observations Box(-1.0, 1.0, (3,), float32) | actions Discrete(2)",
+        f"device cpu | model {banner[1].split('model ')[1].split(' ')[0]} parameters",
+        "2 iterations x 64 steps (2 envs x 32 steps) = 128 steps | learning rate and entropy coefficient annealed over "
+        "163,840,000 steps",
+        f"run directory runs/{pom_run.run_dir.name} | to watch it: tensorboard --logdir runs",
+    ]
+    assert int(banner[1].split("model ")[1].split(" ")[0].replace(",", "")) > 1000
+
+
+def test_progress_bar_replaces_the_iteration_lines(train):
+    """--progress: one line redrawn by carriage returns, and a budget rounded down to whole iterations is said once."""
+    run = train("progress", tiny("ProofofMemory-v0", "progress", total_timesteps=200)).check()
+    assert not run.iteration_lines
+    assert "--total-timesteps 200 is rounded down to whole iterations: 192 steps" in run.stdout.splitlines()
+    bar = [line for line in run.stdout.splitlines() if line.startswith("[")]  # text mode reads each \r as a line end
+    assert [state.split(" | ")[0] for state in bar] == [
+        "[##########....................]  33%",
+        "[####################..........]  67%",
+        "[##############################] 100%",
+    ]
+    assert run.stdout.endswith("remaining 0:00:00\n")
+
+
+def test_help_groups_the_flags_under_their_flat_names():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "Example, Proof of Memory in about a minute on a CPU:" in text
+    groups = ["experiment", "env", "ppo", "trxl", "checkpoints", "performance"]
+    positions = [text.index(f"─ {group} options ─") for group in groups]
+    assert positions == sorted(positions)
+    for flag, group in (("--seed", "experiment"), ("--gamma", "ppo"), ("--trxl-dim", "trxl"), ("--resume", "checkpoints")):
+        at = text.index(f" {flag} ", positions[0])  # the example above the groups names flags too
+        following = positions[groups.index(group) + 1 :] + [len(text)]
+        assert positions[groups.index(group)] < at < following[0] and f"--{group}." not in text
+    assert "{absolute,learned,none,}" in text and "{float32,bfloat16}" in text
+    assert "if toggled" not in text
+
+
 def test_pom_run_name(pom_run):
     pom_run.check()
     match = re.fullmatch(r"ProofofMemory-v0__ppo_trxl__1__(\d+)", pom_run.run_dir.name)
@@ -675,8 +718,10 @@ BAD_INPUTS = {
     "reconstruction-on-vectors": (tiny("ProofofMemory-v0", reconstruction_coef=0.1), "reconstruction-coef"),
     "minibatches": (tiny("ProofofMemory-v0", num_minibatches=3), "num-minibatches"),
     "less-than-a-batch": (tiny("ProofofMemory-v0", total_timesteps=63), "total-timesteps"),
+    "negative-envs": (tiny("ProofofMemory-v0", num_envs=-4), "--num-envs is -4: it must be at least 1"),
+    "gamma": (tiny("ProofofMemory-v0", gamma=1.5), "--gamma is 1.5: it must lie in [0, 1]"),
+    "gae-lambda": (tiny("ProofofMemory-v0", gae_lambda=-0.1), "--gae-lambda is -0.1: it must lie in [0, 1]"),
     "discrete-observations": (tiny("FrozenLake-v1"), "observation space"),
-    "encoder-dtype": (tiny("ProofofMemory-v0", encoder_dtype="float16"), "unknown --encoder-dtype 'float16'"),
 }
 
 
@@ -684,6 +729,23 @@ BAD_INPUTS = {
 def test_bad_input(train, case):
     flags, message = BAD_INPUTS[case]
     check_one_line_error(train(f"bad-{case}", flags, timeout=120), message)
+
+
+CHOICES = {
+    "encoder_dtype": ("float16", "('float32', 'bfloat16')"),
+    "memory_dtype": ("float16", "('float32', 'bfloat16')"),
+    "trxl_positional_encoding": ("bogus", "('absolute', 'learned', 'none', '')"),
+}
+
+
+@pytest.mark.parametrize("flag", CHOICES)
+def test_parser_rejects_an_unknown_choice(train, flag):
+    value, choices = CHOICES[flag]
+    run = train(f"bad-{flag}", tiny("ProofofMemory-v0", **{flag: value}), timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    text = " ".join(run.stderr.replace("│", " ").split())
+    assert f"invalid choice '{value}' for argument '--{flag.replace('_', '-')}'. Expected one of {choices}" in text
+    assert not (run.cwd / "runs").exists()
 
 
 def test_compile_without_a_compiler(train):
