@@ -1,21 +1,28 @@
 """Watch and evaluate trained PPO-TrXL agents: on screen, as a video that shows what they attend to, or as numbers.
 
-Docs: README.md. Published agents come from the Hugging Face hub, your own from `ppo_trxl.py --save-model`:
+Docs: README.md. Published agents come from the Hugging Face hub, your own from a run of `ppo_trxl.py`: its
+`--save-model` file or, while it trains, its newest `--checkpoint-interval` checkpoint:
 
     python enjoy.py --hub --name Endless-MortarMayhem-v0_12.nn
-    python enjoy.py --name runs/RUN/ppo_trxl.cleanrl_model --episodes 10 --deterministic --video agent.mp4
+    python enjoy.py --name runs/RUN --episodes 10 --deterministic --video agent.mp4
 
 Beside every frame the video shows the value estimate over the episode and, for every transformer layer, the
 attention over the memory window (mean over heads): the oldest step of the window at the left, the step just
 before the current one at the right.
 """
 
+import enum
+import glob
+import math
 import os
 import pickle
 import random
 import re
+import socket
 import sys
+import threading
 import types
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -73,26 +80,32 @@ EMPTY_SLOT_COLOR = (60, 60, 60)
 VALUE_COLOR = (80, 200, 255)
 
 
+PUBLISHED_REPO = "LilHairdy/cleanrl_memory_gym"
+
+
 @dataclass
 class Args:
     name: str = "Endless-MortarMayhem-v0_12.nn"
-    """the checkpoint: a file path, or with --hub a file name in the hub repo"""
+    """the agent: a checkpoint file, a run directory (its saved model, else its newest training checkpoint), or
+    with --hub a file name in the hub repo"""
     hub: bool = False
-    """if toggled, download --name from the Hugging Face hub (into its local cache)"""
-    repo_id: str = "LilHairdy/cleanrl_memory_gym"
+    """download --name from the Hugging Face hub (into its local cache)"""
+    repo_id: str = PUBLISHED_REPO
     """the hub model repo that --hub downloads from"""
     episodes: int = 1
     """the number of episodes to play"""
+    max_steps: Optional[int] = None
+    """end an episode after this many steps (the Endless envs have no limit of their own)"""
     seed: int = 1
     """seed of the environment and of the sampled actions"""
     deterministic: bool = False
-    """if toggled, take the most likely action of every branch instead of sampling"""
+    """take the most likely action of every branch instead of sampling"""
     video: Optional[str] = None
     """write the episodes to this .mp4 file (no screen needed), with attention and value beside every frame"""
     render: bool = True
     """show the episodes on screen (`human` render) when a display exists and no --video is given"""
     cuda: bool = True
-    """if toggled, cuda will be used when available"""
+    """play on the GPU when one is available; --no-cuda plays on the CPU"""
 
 
 def has_display():
@@ -106,17 +119,46 @@ def first_line(error):
     return f"{type(error).__name__}: {sentence}"[:200] if sentence else type(error).__name__
 
 
+def reachable(url, timeout=1.5):
+    """Whether a connection to url's host opens within timeout seconds, name lookup included."""
+    parts = urllib.parse.urlparse(url)
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    opened = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)  # a name lookup ignores the timeout: the thread is left behind
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
 def download(repo_id, filename):
     """The local path of filename from the hub repo repo_id, taken from huggingface_hub's cache or downloaded into it."""
+    if repo_id == PUBLISHED_REPO and filename not in PUBLISHED:
+        fail(f"'{filename}' is not a published agent: choose one of {', '.join(PUBLISHED)}")
     by_hand = (
         f"download it by hand (`hf download {repo_id} {filename} --local-dir .`, or from "
         f"https://huggingface.co/{repo_id}/tree/main) and run with --name {filename}"
     )
     try:
-        return hf_hub_download(repo_id=repo_id, filename=filename)
-    except LocalEntryNotFoundError:  # no connection, or offline mode, and not in the cache
+        return hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    # without a network the hub client would retry for half a minute: fail at once instead (unless behind a proxy)
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if constants.HF_HUB_OFFLINE or not (proxied or reachable(constants.ENDPOINT)):
         hub = "is offline (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else "cannot be reached"
         fail(f"the Hugging Face hub {hub} and '{filename}' is not in its local cache: {by_hand}")
+    try:
+        return hf_hub_download(repo_id=repo_id, filename=filename)
+    except LocalEntryNotFoundError:  # the connection broke off
+        fail(f"the Hugging Face hub cannot be reached and '{filename}' is not in its local cache: {by_hand}")
     except RepositoryNotFoundError:
         fail(f"the hub has no model repo '{repo_id}' (or it is private): check --repo-id")
     except EntryNotFoundError:
@@ -127,21 +169,36 @@ def download(repo_id, filename):
         fail(f"cannot download '{filename}' from the hub repo '{repo_id}' ({first_line(error)}): {by_hand}")
 
 
+def run_directory_agent(run_dir):
+    """The agent file of a run directory: its --save-model file, else its newest training checkpoint."""
+    saved = sorted(glob.glob(os.path.join(run_dir, "*.cleanrl_model")), key=os.path.getmtime)
+    checkpoints = sorted(glob.glob(os.path.join(run_dir, "checkpoints", "step-*.pt")))
+    if not saved + checkpoints:
+        fail(
+            f"the run directory '{run_dir}' holds no model: train with --save-model, or with --checkpoint-interval "
+            "to watch it while it trains"
+        )
+    return (saved or checkpoints)[-1]
+
+
 def load_checkpoint(path, device):
-    """The model weights and the training args (a namespace) of a checkpoint `{"model_weights", "args"}`."""
+    """The model weights and the training args (a namespace) of a checkpoint `{"model_weights", "args"}`: a published
+    file, a --save-model file or a training checkpoint."""
     not_ours = f"'{path}' is not a PPO-TrXL checkpoint"
     if not os.path.isfile(path):
-        fail(f"no checkpoint file '{path}': pass one that `ppo_trxl.py --save-model` wrote, or --hub --name NAME")
+        fail(
+            f"no checkpoint file '{path}': pass one that `ppo_trxl.py --save-model` wrote, a run directory, or --hub --name NAME"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before it fails on foreign files
             checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as error:
-        if str(error).startswith("Weights only load failed"):
+    except (
+        Exception
+    ) as error:  # a foreign file can fail in pickle, zip or EOF checks alike, with messages such as "KeyError: 101"
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
             fail(f"{not_ours}: it holds Python objects besides tensors and plain values, which torch.load refuses here")
-        fail(f"{not_ours}: torch.load cannot read it ({first_line(error)})")
-    except Exception as error:  # a foreign file can fail in pickle, zip or EOF checks alike
-        fail(f"{not_ours}: torch.load cannot read it ({first_line(error)})")
+        fail(f"{not_ours}: torch.load cannot read it (a --save-model file, a training checkpoint or a published .nn file can)")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("args"), dict):
         fail(f"{not_ours}: it holds no dict with 'model_weights' and 'args'")
     if not isinstance(checkpoint.get("model_weights"), dict):
@@ -239,8 +296,19 @@ def act(agent, obs, window, deterministic):
 
 
 def panel_height(num_layers):
-    """Two lines of text, the value plot, a caption, then a label and a heat strip per layer and the age axis."""
-    return MARGIN + 2 * LINE + PLOT_HEIGHT + LINE + num_layers * (LINE + STRIP_HEIGHT) + LINE + MARGIN
+    """Five lines of text, the value plot, a caption, then a label and a heat strip per layer and the age axis."""
+    return MARGIN + 5 * LINE + PLOT_HEIGHT + LINE + num_layers * (LINE + STRIP_HEIGHT) + LINE + MARGIN
+
+
+def action_names(env):
+    """The names of a Discrete env's actions where the env gives them (get_action_meanings(), MiniGrid's Actions)."""
+    unwrapped = env.unwrapped
+    if hasattr(unwrapped, "get_action_meanings"):
+        return list(unwrapped.get_action_meanings())
+    actions = getattr(unwrapped, "actions", None)
+    if isinstance(actions, type) and issubclass(actions, enum.Enum):
+        return [action.name for action in actions]
+    return None
 
 
 def heat_strip(by_age, width):
@@ -254,10 +322,11 @@ def heat_strip(by_age, width):
     return cv2.resize(colors, (width, STRIP_HEIGHT), interpolation=interpolation)
 
 
-def draw_panel(height, step, episode_return, values, limit, decision=None):
-    """The panel beside a frame, (height, PANEL_WIDTH, 3) BGR: step and return; the value over the episode (x spans
-    the episode limit, or the episode once it is longer); and the decision at this step, decision = (action,
-    attention by age (L, M-1) numpy): the action, and the attention of every layer. None once the episode is over."""
+def draw_panel(height, header, step, episode_return, values, limit, decision=None):
+    """The panel beside a frame, (height, PANEL_WIDTH, 3) BGR: the header's two lines (episode, env, file); a note
+    that the frame is the env's ground truth; step and return; the value over the episode (x spans the episode limit,
+    or the episode once it is longer); and the decision at this step, decision = (action as text, attention by age
+    (L, M-1) numpy): the action, and the attention of every layer. None once the episode is over."""
     panel = np.full((height, PANEL_WIDTH, 3), 24, dtype=np.uint8)
     width = PANEL_WIDTH - 2 * MARGIN
 
@@ -265,6 +334,11 @@ def draw_panel(height, step, episode_return, values, limit, decision=None):
         cv2.putText(panel, string, (x, y), FONT, scale, TEXT_COLOR, 1, cv2.LINE_AA)
 
     y = MARGIN + LINE - 6
+    for line in header:
+        text(line, MARGIN, y, 0.35)
+        y += LINE
+    text("left: the env's ground truth, not the agent's view", MARGIN, y, 0.35)
+    y += LINE
     text(f"step {step}   return {episode_return:+.2f}", MARGIN, y)
     y += LINE
     text(f"value {values[-1]:+.3f}   action {decision[0]}" if decision else "episode over", MARGIN, y)
@@ -313,7 +387,7 @@ class AnnotatedVideo:
 
     def write(self, frame, panel):
         """frame (h, w, 3) RGB from the env's render, panel (self.panel_height, PANEL_WIDTH, 3) BGR."""
-        canvas = np.zeros(self.size[::-1] + (3,), dtype=np.uint8)
+        canvas = np.full(self.size[::-1] + (3,), 24, dtype=np.uint8)  # the panel's grey around a smaller frame
         canvas[: frame.shape[0], : frame.shape[1]] = cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)
         canvas[: panel.shape[0], frame.shape[1] : frame.shape[1] + PANEL_WIDTH] = panel
         self.file.write(canvas)
@@ -322,13 +396,15 @@ class AnnotatedVideo:
         self.file.close()
 
 
-def play(agent, env, window, args, video, render_by_hand):
-    """Plays args.episodes episodes, yielding each one's (return, length). With a video, every step's frame is
-    written with the decision taken there, and each episode's last frame after it."""
+def play(agent, env, window, args, video, render_by_hand, env_id, file_name):
+    """Plays args.episodes episodes (each up to args.max_steps), yielding each one's (return, length). With a video,
+    every step's frame is written with the decision taken there, and each episode's last frame after it."""
     device = next(agent.parameters()).device
+    names = action_names(env)
     for episode in range(args.episodes):
         obs, _ = env.reset(seed=args.seed if episode == 0 else None)
-        limit = episode_limit(env)
+        limit = min(episode_limit(env), args.max_steps or math.inf)
+        header = [f"episode {episode + 1}/{args.episodes}   {env_id}", file_name[-48:]]
         window.reset()
         values, episode_return, done = [], 0.0, False
         while not done:
@@ -339,26 +415,32 @@ def play(agent, env, window, args, video, render_by_hand):
             values.append(value.item())
             env_action = action.cpu().numpy().reshape(env.action_space.shape)[()]  # a scalar for Discrete
             if video:
-                panel = draw_panel(video.panel_height, t, episode_return, values, limit, (env_action, attention.cpu().numpy()))
-                video.write(env.render(), panel)
+                action_text = names[env_action] if names else str(env_action)
+                decision = (action_text, attention.cpu().numpy())
+                video.write(env.render(), draw_panel(video.panel_height, header, t, episode_return, values, limit, decision))
             obs, reward, terminated, truncated, _ = env.step(env_action)
             episode_return += float(reward)
-            done = terminated or truncated
+            done = terminated or truncated or window.t == args.max_steps
         if render_by_hand:
             env.render()
         if video:
-            video.write(env.render(), draw_panel(video.panel_height, window.t, episode_return, values, limit))
+            video.write(env.render(), draw_panel(video.panel_height, header, window.t, episode_return, values, limit))
         yield episode_return, window.t
 
 
 def main(args):
     if args.episodes < 1:
         fail("--episodes must be at least 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        fail("--max-steps must be at least 1 (or left out: episodes end as the env ends them)")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    path = download(args.repo_id, args.name) if args.hub else args.name
+    if args.hub:
+        path = download(args.repo_id, args.name)
+    else:
+        path = run_directory_agent(args.name) if os.path.isdir(args.name) else args.name
     weights, train_args = load_checkpoint(path, device)
 
     render_mode = None
@@ -384,9 +466,13 @@ def main(args):
         )
     render_by_hand = render_mode == "human" and is_memory_gym(train_args.env_id)  # Memory Gym draws only when asked
 
+    actions = "deterministic actions" if args.deterministic else "sampled actions"
+    print(f"{train_args.env_id} | {path} | {device} | {actions}", flush=True)
+    if render_mode is None and args.render:
+        print("no display to show the episodes on: add --video agent.mp4 to watch them", flush=True)
     returns, lengths = [], []
     try:
-        for episode_return, length in play(agent, env, window, args, video, render_by_hand):
+        for episode_return, length in play(agent, env, window, args, video, render_by_hand, train_args.env_id, path):
             returns.append(episode_return)
             lengths.append(length)
             print(f"episode {len(returns)}/{args.episodes}: return {episode_return:.3f}, length {length}", flush=True)
@@ -399,7 +485,7 @@ def main(args):
         print(f"video written to {args.video}")
     if returns:
         print(
-            f"{len(returns)} episodes: return {np.mean(returns):.3f} +- {np.std(returns):.3f}, "
+            f"{len(returns)} episode{'s' if len(returns) > 1 else ''}: return {np.mean(returns):.3f} +- {np.std(returns):.3f}, "
             f"length {np.mean(lengths):.1f} +- {np.std(lengths):.1f}"
         )
 

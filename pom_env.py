@@ -53,13 +53,21 @@ class ProofofMemoryEnv(gym.Env):
         self._step_count += 1
         return self._observation(), reward, terminated, False, {}
 
+    def get_action_meanings(self):
+        return ["left", "right"]
+
     def render(self):
-        """A strip of 11 cells: goals in green (good) and red (bad), the agent in white."""
-        strip = np.full((1, 2 * TRACK_END + 1, 3), 40, dtype=np.uint8)
-        strip[0, 0] = (0, 200, 0) if self._goals[0] > 0 else (200, 0, 0)
-        strip[0, -1] = (0, 200, 0) if self._goals[1] > 0 else (200, 0, 0)
-        strip[0, self._position + TRACK_END] = 255
-        return np.repeat(np.repeat(strip, 16, axis=0), 16, axis=1)
+        """The track as 11 cells of 48 pixels: the goals in green (good) and red (bad), the agent as a white disc."""
+        cell = 48
+        track = np.full((2 * cell, (2 * TRACK_END + 1) * cell, 3), 40, dtype=np.uint8)
+        track[cell // 2 : 3 * cell // 2, :] = 70
+        track[:, ::cell] = 40  # a line between cells, so that each can be counted
+        for end, goal in ((0, self._goals[0]), (2 * TRACK_END, self._goals[1])):
+            track[cell // 2 : 3 * cell // 2, end * cell + 4 : (end + 1) * cell - 4] = (0, 200, 0) if goal > 0 else (200, 0, 0)
+        rows, columns = np.ogrid[: 2 * cell, : track.shape[1]]
+        center = ((self._position + TRACK_END) * cell + cell // 2, cell)
+        track[(columns - center[0]) ** 2 + (rows - center[1]) ** 2 <= (cell // 3) ** 2] = 255
+        return track
 
 
 gym.register("ProofofMemory-v0", entry_point=ProofofMemoryEnv, max_episode_steps=16)

@@ -23,7 +23,7 @@ from ppo_trxl import Agent, make_env  # noqa: E402
 
 TINY = (
     "--num-envs 2 --num-steps 32 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 --trxl-num-heads 2 "
-    "--trxl-num-layers 1 --trxl-memory-length 8 --total-timesteps 64 --no-cuda --save-model"
+    "--trxl-num-layers 1 --trxl-memory-length 8 --total-timesteps 64 --no-cuda --save-model --checkpoint-interval 1"
 ).split()
 TRAINED_ENVS = {"pom": "ProofofMemory-v0", "grid": "MortarMayhem-Grid-v0", "long": "long_env:Long-v0"}
 HUB_REPO_FOLDER = "models--LilHairdy--cleanrl_memory_gym"
@@ -61,7 +61,7 @@ gym.register("Long-v0", entry_point=LongEnv)
 """
 
 
-def start(script, *args, cwd, hf_home):
+def start(script, *args, cwd, hf_home, **environment):
     env = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")}
     env.update(
         PYTHONPATH=os.pathsep.join([str(ROOT), str(cwd)]),
@@ -72,6 +72,7 @@ def start(script, *args, cwd, hf_home):
         HF_HOME=str(hf_home),
         HF_HUB_CACHE=str(Path(hf_home) / "hub"),
     )
+    env.update(environment)
     command = [sys.executable, str(ROOT / script), *map(str, args)]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -129,7 +130,7 @@ def test_video_of_vector_agent(trained):
     assert len(lengths) == 2
     frames = read_video(trained.folder / "pom.mp4")
     assert len(frames) == sum(lengths) + len(lengths)  # every step's frame, and each episode's last one
-    assert {frame.shape for frame in frames} == {video_shape((16, 176), num_layers=1)}
+    assert {frame.shape for frame in frames} == {video_shape((96, 528), num_layers=1)}
     assert not list(trained.folder.glob("*.part.mp4"))
 
 
@@ -156,6 +157,59 @@ def test_episodes_past_the_episode_limit_and_memory_length(trained):
     assert {frame.shape for frame in frames} == {video_shape((32, 48), num_layers=1)}
     for step in (0, 700, LONG_EPISODE):
         assert abs(frames[step][4:28, 4:44].mean() - step % 256) < 6
+
+
+def test_run_directory_plays_its_model_else_its_newest_checkpoint(trained):
+    """A run directory plays its --save-model file; one that is still training (checkpoints only) its newest
+    checkpoint, which after the run's last iteration holds the same weights."""
+    run_dir = trained.checkpoints["pom"].parent
+    training = trained.folder / "still_training"
+    (training / "checkpoints").mkdir(parents=True)
+    (checkpoint,) = (run_dir / "checkpoints").glob("step-*.pt")
+    (training / "checkpoints" / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    flags = ("--deterministic", "--episodes", 1, "--seed", 5)
+    saved, in_training = [enjoy_py(trained, "--name", folder, *flags) for folder in (run_dir, training)]
+    assert saved.returncode == in_training.returncode == 0, saved.stderr + in_training.stderr
+    header, *rest = saved.stdout.splitlines()
+    assert header == f"ProofofMemory-v0 | {run_dir / 'pom.cleanrl_model'} | cpu | deterministic actions"
+    assert rest[0] == "no display to show the episodes on: add --video agent.mp4 to watch them"
+    assert re.search(r"^1 episode: return \S+ \+- 0.000, length", saved.stdout, re.M)
+    assert in_training.stdout.splitlines()[0] == (
+        f"ProofofMemory-v0 | {training / 'checkpoints' / checkpoint.name} | cpu | deterministic actions"
+    )
+    assert in_training.stdout.splitlines()[1:] == rest
+
+
+def test_max_steps_ends_endless_episodes(trained):
+    result = enjoy_py(trained, "--name", trained.checkpoints["long"], "--episodes", 2, "--max-steps", 50)
+    assert result.returncode == 0, result.stderr
+    assert episode_lengths(result.stdout) == [50, 50]
+
+
+def test_action_names_where_the_env_gives_them():
+    minigrid = make_env("MiniGrid-MemoryS9-v0", 0, False, "")()
+    assert enjoy.action_names(minigrid)[:3] == ["left", "right", "forward"]
+    assert enjoy.action_names(gym.make("ProofofMemory-v0")) == ["left", "right"]
+    assert enjoy.action_names(make_env("MortarMayhem-Grid-v0", 0, False, "")()) is None
+
+
+def test_unreachable_hub_fails_at_once_without_retries(trained):
+    """Not offline by HF_HUB_OFFLINE, but no network: one line at once instead of the hub client's retries."""
+    process = start(
+        "enjoy.py",
+        "--hub",
+        "--name",
+        "ProofofMemory-v0_1.nn",
+        cwd=trained.folder,
+        hf_home=trained.folder / "unreachable_hf",
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT="https://hub.invalid",  # a top-level domain that never resolves
+    )
+    result = finish(process)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr  # no "Retrying in 1s" lines
+    assert lines[0].startswith("error: the Hugging Face hub cannot be reached and 'ProofofMemory-v0_1.nn' is not in its")
 
 
 def test_deterministic_play_repeats_and_sums_up(trained):
@@ -193,6 +247,7 @@ def test_hub_download_from_the_offline_cache(trained):
 def foreign_files(folder, checkpoint):
     """Files that are not checkpoints of this format, each made from real bytes or a real checkpoint."""
     (folder / "notes.txt").write_text("not a checkpoint\n")
+    (folder / "empty_run").mkdir()
     torch.save({"weights": torch.zeros(3)}, folder / "no_keys.pt")
     published = torch.load(checkpoint, weights_only=True)
     variants = {
@@ -206,7 +261,10 @@ def foreign_files(folder, checkpoint):
 
 ERRORS = {
     "missing file": (["--name", "no_such.cleanrl_model"], "no checkpoint file 'no_such.cleanrl_model'"),
-    "text file": (["--name", "notes.txt"], "'notes.txt' is not a PPO-TrXL checkpoint"),
+    "text file": (["--name", "notes.txt"], "'notes.txt' is not a PPO-TrXL checkpoint: torch.load cannot read it"),
+    "empty run directory": (["--name", "empty_run"], "the run directory 'empty_run' holds no model"),
+    "unpublished hub name": (["--hub", "--name", "MortarMayhem-v0_1.nn"], "'MortarMayhem-v0_1.nn' is not a published agent"),
+    "max steps": (["--name", "no_keys.pt", "--max-steps", "0"], "--max-steps must be at least 1"),
     "torch file of another kind": (["--name", "no_keys.pt"], "'no_keys.pt' is not a PPO-TrXL checkpoint"),
     "weights that do not fit": (["--name", "wrong_shapes.pt"], "do not fit the model that its args describe"),
     "env id not registered": (["--name", "unknown_env.pt"], "unknown env id 'NoSuchEnv-v0'"),
