@@ -5,9 +5,15 @@
     python benchmark/plot.py runs --exp-name ppo_trxl --against my_variant  # two exp_names of one folder
 
 A run is a folder `{env_id}__{exp_name}__{seed}__{time}` holding `events.out.tfevents.*`, anywhere under the
-given folder. Runs are grouped by env id (one panel each) and setting (one curve each: the exp_name, and the
-folder too when two folders are compared). A curve is the mean over seeds of the tag, every seed interpolated
-to a common grid of steps that all of them reached; the band is the min/max (or +- std) over seeds.
+given folder. Runs are grouped by env id (one panel each) and setting (one curve each): the exp_name and the
+configuration, the hyperparameters that the trainer logs to tensorboard except those that do not change what is
+learnt (seed, budget, logging, checkpoints, speed). Settings that share an exp_name are labelled with the
+hyperparameters in which they differ; the folder joins the label when two folders are compared. A curve is the
+mean over seeds of the tag, every seed interpolated to a common grid of steps that all of them reached; the band
+is the min/max (or +- std) over seeds.
+
+Warnings name what would otherwise be pooled silently: a seed run twice in one setting (the newest run counts),
+runs of one setting with different budgets (--total-timesteps), and runs that stopped before their budget.
 
 The table gives, per env and setting:
 - final: the last logged value of each seed (episode/r_mean already averages the last 100 episodes),
@@ -43,14 +49,51 @@ PUBLISHED = {  # REFERENCE.md section 4: final return, mean +- std over 3 seeds
 RUN_NAME = re.compile(r"^(?P<env_id>.+?)__(?P<exp_name>.+)__(?P<seed>\d+)__(?P<time>\d+)$")
 
 
+NOT_CONFIGURATION = {
+    "exp_name",
+    "seed",
+    "total_timesteps",
+    "num_iterations",
+    "torch_deterministic",
+    "cuda",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "capture_video",
+    "save_model",
+    "progress",
+    "async_envs",
+    "compile",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "resume",
+}
+"""Logged hyperparameters that do not change what a run learns: runs that differ only in these are one setting."""
+
+
 @dataclass
 class Run:
     env_id: str
     exp_name: str
     seed: int
+    time: int
     path: str
     steps: np.ndarray
     values: np.ndarray
+    hyperparameters: dict
+
+    @property
+    def configuration(self):
+        return tuple(sorted((key, value) for key, value in self.hyperparameters.items() if key not in NOT_CONFIGURATION))
+
+
+def hyperparameters(accumulator):
+    """{name: value as text} from the `|name|value|` table that the trainer logs as the text `hyperparameters`."""
+    if "hyperparameters/text_summary" not in accumulator.Tags()["tensors"]:
+        return {}
+    table = accumulator.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    rows = [line.strip("|").split("|") for line in table.splitlines()[2:]]
+    return {row[0]: row[1] for row in rows if len(row) == 2}
 
 
 def find_runs(directory, tag):
@@ -60,7 +103,8 @@ def find_runs(directory, tag):
         match = RUN_NAME.match(os.path.basename(path))
         if not match or not any(name.startswith("events.out.tfevents.") for name in files):
             continue
-        accumulator = event_accumulator.EventAccumulator(path, size_guidance={event_accumulator.SCALARS: 0})
+        guidance = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0}
+        accumulator = event_accumulator.EventAccumulator(path, size_guidance=guidance)
         accumulator.Reload()
         if tag not in accumulator.Tags()["scalars"]:
             print(f"skipping {path}: no '{tag}' logged (no episode finished yet?)")
@@ -68,8 +112,54 @@ def find_runs(directory, tag):
         events = sorted(accumulator.Scalars(tag), key=lambda event: event.step)
         steps = np.array([event.step for event in events], dtype=np.float64)
         values = np.array([event.value for event in events], dtype=np.float64)
-        runs.append(Run(match["env_id"], match["exp_name"], int(match["seed"]), path, steps, values))
+        run = Run(match["env_id"], match["exp_name"], int(match["seed"]), int(match["time"]), path, steps, values, {})
+        run.hyperparameters = hyperparameters(accumulator)
+        runs.append(run)
     return sorted(runs, key=lambda run: (run.env_id, run.exp_name, run.seed))
+
+
+def settings_of(runs, folder=None):
+    """{label: runs}: the runs grouped by exp_name and configuration. A label is the exp_name, followed by the
+    hyperparameters in which its configuration differs from the others of the same exp_name and env, and by the
+    folder if given."""
+    by_setting = {}
+    for run in runs:
+        by_setting.setdefault((run.exp_name, run.configuration), []).append(run)
+    labels = {}
+    for (exp_name, configuration), setting_runs in by_setting.items():
+        others = [other for name, other in by_setting if name == exp_name and other != configuration]
+        own = dict(configuration)
+        differing = sorted(
+            {key for other in others for key in own.keys() | dict(other).keys() if own.get(key) != dict(other).get(key)}
+        )
+        label = exp_name + (" (" + ", ".join(f"{key}={own.get(key, '-')}" for key in differing) + ")" if differing else "")
+        labels[label + (f" ({folder})" if folder else "")] = setting_runs
+    return labels
+
+
+def warn_about(label, runs):
+    """Warnings for one setting's runs: seeds run twice (only the newest is kept), budgets that differ, runs that
+    stopped before their budget. Returns the runs to pool."""
+    newest = {}
+    for run in sorted(runs, key=lambda run: (run.env_id, run.time)):
+        if (run.env_id, run.seed) in newest:
+            print(
+                f"warning: {label}: seed {run.seed} of {run.env_id} was run twice; using {run.path}, not {newest[run.env_id, run.seed].path}"
+            )
+        newest[run.env_id, run.seed] = run
+    kept = sorted(newest.values(), key=lambda run: (run.env_id, run.seed))
+    for env_id in sorted({run.env_id for run in kept}):
+        env_runs = [run for run in kept if run.env_id == env_id]
+        budgets = sorted({run.hyperparameters.get("total_timesteps", "?") for run in env_runs})
+        if len(budgets) > 1:
+            print(f"warning: {label}: the runs of {env_id} have different budgets (--total-timesteps {', '.join(budgets)})")
+        for run in env_runs:
+            planned = run.hyperparameters.get("num_iterations"), run.hyperparameters.get("batch_size")
+            if None not in planned and run.steps[-1] < int(planned[0]) * int(planned[1]):
+                print(
+                    f"warning: {label}: {run.path} is unfinished (last logged step {int(run.steps[-1])} of {int(planned[0]) * int(planned[1])})"
+                )
+    return kept
 
 
 def interquartile_mean(values):
@@ -161,9 +251,13 @@ def results_table(groups, labels, last):
     return "\n".join(lines)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="?", default="runs", help="the folder of runs (default: runs)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("runs", nargs="?", default="runs", help="the folder of runs")
     parser.add_argument("--tag", default="episode/r_mean", help="the scalar to plot and tabulate")
     parser.add_argument("--exp-name", help="only the runs of this exp_name")
     parser.add_argument("--against", help="a second folder of runs, or a second exp_name in the first folder")
@@ -190,12 +284,12 @@ def main():
     if args.against is not None and not second:
         parser.error(f"no runs with '{args.tag}' logged for --against {args.against}")
 
-    # A setting is an exp_name; when two folders are compared, the folder joins its label
+    # A setting is an exp_name and a configuration; when two folders are compared, the folder joins its label
     two_folders = args.against is not None and os.path.isdir(args.against)
     settings = {}
     for folder, folder_runs in ((args.runs, first), (args.against, second)):
-        for run in folder_runs:
-            settings.setdefault(f"{run.exp_name} ({folder})" if two_folders else run.exp_name, []).append(run)
+        settings.update(settings_of(folder_runs, folder if two_folders else None))
+    settings = {label: warn_about(label, runs) for label, runs in settings.items()}
 
     groups = group(settings.items())
     plot(groups, list(settings), args.tag, args.spread, args.output)

@@ -20,6 +20,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MINIGRID="--num-envs 16 --num-steps 256 --trxl-num-layers 2 --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64
     --trxl-positional-encoding none --init-lr 3.5e-4 --final-lr 3.5e-4 --init-ent-coef 1e-3 --final-ent-coef 1e-3
     --update-epochs 5 --clip-coef 0.1 --max-grad-norm 0.5 --gamma 0.99"
+# Every job saves its final model and a checkpoint every 100 iterations (--resume continues a job that was stopped)
+SAVE="--save-model --checkpoint-interval 100"
 ENV_IDS=(
     MortarMayhem-Grid-v0
     MortarMayhem-v0
@@ -117,7 +119,7 @@ names=()
 for env_id in "${envs[@]}"; do
     read -ra config <<<"${CONFIG[$env_id]//$'\n'/ }"
     for seed in "${seeds[@]}"; do
-        command=("$python" ppo_trxl.py --env-id "$env_id" --seed "$seed" "${config[@]}" "${extra_flags[@]}")
+        command=("$python" ppo_trxl.py --env-id "$env_id" --seed "$seed" "${config[@]}" $SAVE "${extra_flags[@]}")
         command_line="$(printf '%q ' "${command[@]}")"
         commands+=("${command_line% }")
         names+=("${env_id}__${seed}")

@@ -67,6 +67,7 @@ def test_dry_run_prints_every_experiment_with_its_flags():
     assert all(command[:2] == ["python", "ppo_trxl.py"] for command in commands)
 
     by_env = {flag_values(command)["--env-id"]: flag_values(command) for command in commands}
+    save = {"--save-model": True, "--checkpoint-interval": "100"}  # every job leaves its model and checkpoints
     pom = {
         "--total-timesteps": "25000",
         "--num-envs": "16",
@@ -84,7 +85,7 @@ def test_dry_run_prints_every_experiment_with_its_flags():
         "--init-ent-coef": "0.001",
         "--clip-coef": "0.2",
     }
-    assert by_env["ProofofMemory-v0"] == {"--env-id": "ProofofMemory-v0", "--seed": "3", **pom}
+    assert by_env["ProofofMemory-v0"] == {"--env-id": "ProofofMemory-v0", "--seed": "3", **pom, **save}
     # MiniGrid Memory in the configuration that learns it (README.md, MiniGrid Memory)
     minigrid = {
         "--num-envs": "16",
@@ -108,9 +109,10 @@ def test_dry_run_prints_every_experiment_with_its_flags():
         "--seed": "3",
         "--total-timesteps": "2048000",
         **minigrid,
+        **save,
     }
     cue = "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0"
-    assert by_env[cue] == {"--env-id": cue, "--seed": "3", "--total-timesteps": "1024000", **minigrid}
+    assert by_env[cue] == {"--env-id": cue, "--seed": "3", "--total-timesteps": "1024000", **minigrid, **save}
     assert by_env["MortarMayhem-Grid-v0"]["--norm-adv"] is True
     endless = by_env["Endless-SearingSpotlights-v0"]
     assert (endless["--reconstruction-coef"], endless["--trxl-memory-length"], endless["--total-timesteps"]) == (
@@ -259,6 +261,42 @@ def test_plot_against_puts_two_settings_side_by_side(tiny_runs, tmp_path):
     check_cells(cells[2], cells[3], seeds[1:])
     check_cells(cells[4], cells[5], seeds[:1])
     assert (tmp_path / "names.png").stat().st_size > 0
+
+
+def test_plot_groups_runs_by_configuration_and_warns_before_pooling(tiny_runs, tmp_path):
+    """Real runs beside the two tiny seeds: one with another gamma (a setting of its own), one with a larger budget
+    stopped by SIGTERM (unfinished), and seed 2 copied as a later run (run twice)."""
+    runs = shutil.copytree(tiny_runs, tmp_path / "runs")
+    seed_2 = sorted(runs.iterdir())[1]
+    shutil.copytree(seed_2, runs / re.sub(r"__\d+$", "__9999999999", seed_2.name))
+    trainer = [sys.executable, str(ROOT / "ppo_trxl.py"), *TINY_RUN]
+    other_gamma = subprocess.Popen(trainer + ["--gamma", "0.9"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL)
+    stopped = subprocess.Popen(
+        trainer + ["--seed", "3", "--total-timesteps", "6400"], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, text=True
+    )
+    for line in stopped.stdout:
+        if line.startswith("iteration 1/"):
+            stopped.terminate()
+    assert stopped.wait(timeout=120) == 143
+    assert other_gamma.wait(timeout=120) == 0
+
+    output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), str(runs), "--output", str(tmp_path / "c.png")])
+    header, cells = table_row(output, "env id"), table_row(output, "ProofofMemory-v0")
+    finals = {label: cell for label, cell in zip(header[2::2], cells[2::2])}
+    assert set(finals) == {"ppo_trxl (gamma=0.995): final", "ppo_trxl (gamma=0.9): final"}
+    assert finals["ppo_trxl (gamma=0.995): final"].endswith("(3 runs)")  # seeds 1, 2 (once) and 3
+    assert finals["ppo_trxl (gamma=0.9): final"].endswith("(1 runs)")
+    warnings = [line for line in output.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, output
+    assert "seed 2 of ProofofMemory-v0 was run twice; using " in warnings[0] and "__9999999999, not" in warnings[0]
+    assert "different budgets (--total-timesteps 256, 6400)" in warnings[1]
+    assert re.search(r"__3__\d+ is unfinished \(last logged step \d+ of 6400\)", warnings[2])
+
+
+def test_plot_help_gives_the_defaults():
+    output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), "--help"])
+    output = " ".join(output.split())
+    assert "(default: benchmark/results.png)" in output and "(default: 10)" in output
 
 
 def test_throughput_builds_the_documented_commands():
