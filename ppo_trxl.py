@@ -899,8 +899,10 @@ class Timeline:
         # the standardised memory (Transformer.standardise) that the rollout attends to, and without a learned
         # encoding the update too: (E, C+S, L, D)
         self.standardised = torch.zeros((num_envs, slots, num_layers, dim), device=device)
-        # with cue_in_view, whether each slot's observation showed the cue (MiniGrid Memory, see cue_in_view): (E, C+S)
+        # with cue_in_view, whether each slot's observation showed the cue (MiniGrid Memory, see cue_in_view): (E, C+S),
+        # and whether each env's current episode has shown it so far: (E,)
         self.cue_in_view = torch.zeros((num_envs, slots), dtype=torch.bool, device=device) if cue_in_view else None
+        self.cue_seen = torch.zeros(num_envs, dtype=torch.bool, device=device) if cue_in_view else None
 
     def carry_over(self):
         """Moves the last C steps, standardised as they are, to the front, making room for the next rollout."""
@@ -963,7 +965,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
 
     next_obs (E, *obs_shape) and next_episode_steps (E,) are where the envs stand; policy_step is rollout_step
     or compiled_rollout_step(). Returns the same after the rollout, the bootstrap value of next_obs (E,), and the finished
-    episodes as (return, length, time).
+    episodes as (return, length, time), followed on MiniGrid Memory by whether the episode's view ever showed the cue.
     """
     timeline, context = rollout.timeline, rollout.timeline.context
     device = next_obs.device
@@ -978,7 +980,9 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
         rollout.obs[:, s] = next_obs
         timeline.steps[:, context + s] = next_episode_steps
         if timeline.cue_in_view is not None:
-            timeline.cue_in_view[:, context + s] = torch.as_tensor(cue_in_view(envs), device=device)
+            in_view = torch.as_tensor(cue_in_view(envs), device=device)
+            timeline.cue_in_view[:, context + s] = in_view
+            timeline.cue_seen |= in_view
         action, logprob, value, layer_inputs = policy_step(agent, timeline, derived, next_obs, next_episode_steps, s)
         rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
         timeline.memory[:, context + s] = layer_inputs
@@ -991,7 +995,12 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
         next_episode_steps = torch.where(next_done, 0, next_episode_steps + 1)
         if "_episode" in infos:
             finished = infos["_episode"]
-            finished_episodes.extend(zip(*(infos["episode"][key][finished].tolist() for key in ("r", "l", "t"))))
+            columns = [infos["episode"][key][finished].tolist() for key in ("r", "l", "t")]
+            if timeline.cue_seen is not None:
+                columns.append(timeline.cue_seen[torch.as_tensor(finished, device=device)].tolist())
+            finished_episodes.extend(zip(*columns))
+        if timeline.cue_seen is not None:
+            timeline.cue_seen &= ~next_done
 
     # The bootstrap value follows the same band rule as every rollout step
     _, _, next_value, _ = policy_step(agent, timeline, derived, next_obs, next_episode_steps, rollout.obs.shape[1])
@@ -1584,8 +1593,10 @@ if __name__ == "__main__":
                 if rollout.timeline.cue_in_view is not None:
                     scalars[f"attention/layer{layer}_cue_weight"] = cue_weight
             if episode_infos:
-                r_mean, l_mean, t_mean = (float(np.mean(column)) for column in zip(*episode_infos))
+                r_mean, l_mean, t_mean, *cue_seen = (float(np.mean(column)) for column in zip(*episode_infos))
                 scalars.update({"episode/r_mean": r_mean, "episode/l_mean": l_mean, "episode/t_mean": t_mean})
+                if cue_seen:  # MiniGrid Memory: the fraction of the episodes whose view showed the cue at some step
+                    scalars["episode/cue_seen"] = cue_seen[0]
                 scalars.update({"charts/episodic_return": r_mean, "charts/episodic_length": l_mean})
             for name, scalar in scalars.items():
                 writer.add_scalar(name, scalar, global_step)

@@ -351,6 +351,7 @@ def test_pom_logs_every_scalar_at_every_batch(pom_run):
     assert all(5 <= value <= POM_LIMIT for _, value in scalars["episode/l_mean"])
     assert scalars["charts/episodic_return"] == scalars["episode/r_mean"]
     assert scalars["charts/episodic_length"] == scalars["episode/l_mean"]
+    assert "episode/cue_seen" not in scalars, "only MiniGrid Memory envs tell where their cue is"
     assert all(value > 0 for _, value in scalars["charts/SPS"])
     # the first iteration runs at the initial learning rate and entropy coefficient
     assert scalars["charts/learning_rate"][0][1] == pytest.approx(2.75e-4, rel=1e-6)
@@ -485,10 +486,20 @@ def test_minigrid_memory(train):
         assert [step for step, _ in scalars[tag]] == [128, 256], tag
     assert 0 < scalars["episode/l_mean"][-1][1] <= 96
     check_attention_log(scalars, [128, 256], cue=True)
+    assert [step for step, _ in scalars["episode/cue_seen"]] == [step for step, _ in scalars["episode/r_mean"]]
+    assert all(0 <= value <= 1 for _, value in scalars["episode/cue_seen"])
     weights = run.checkpoint()["model_weights"]
     assert weights["encoder.0.weight"].shape == (32, 3, 8, 8)
     assert weights["encoder.0.weight"].is_contiguous(), "saved in the published layout, not the training one"
     assert weights["actor_branches.0.weight"].shape == (7, 32)
+
+
+def test_cue_variant_shows_the_cue_in_every_episode(train):
+    """The cue-at-start variant puts the cue in view at reset: every finished episode counts as having seen it."""
+    env_id = "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0"
+    run = train("minigrid-cue", tiny(env_id, num_steps=64, total_timesteps=256)).check()
+    cue_seen = run.scalars()["episode/cue_seen"]
+    assert cue_seen and all(value == 1.0 for _, value in cue_seen), cue_seen
 
 
 # 4. and 5. Saved models and positional encodings
