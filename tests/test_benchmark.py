@@ -1,6 +1,6 @@
 """benchmark/: the experiment runner (dry runs, a local pool, the Slurm job script), plot.py on the logs of a tiny
-real training run, throughput.py's command building, memory.py on a tiny config and phases.py
-on a tiny image config."""
+real training run, throughput.py's command building, memory.py on a tiny config, phases.py
+on a tiny image config, and minigrid_starts.py on a tiny MiniGrid Memory model."""
 
 import glob
 import os
@@ -388,3 +388,36 @@ def test_phases_rejects_compile():
     assert result.returncode == 2 and result.stderr.strip().endswith(
         "--compile is not supported: its compiled graphs hide the parts that are timed here"
     )
+
+
+def test_minigrid_starts_tabulates_a_trained_agent_by_start_and_cue(tmp_path):
+    """A tiny real MiniGrid-MemoryS9 model, played from its run directory: every episode in one row of its start x and
+    whether the cue was seen, which from x = 1 it always is (the cue lies in the view at reset)."""
+    trainer = [sys.executable, str(ROOT / "ppo_trxl.py"), *TINY_RUN, "--save-model"]
+    run(trainer + ["--env-id", "MiniGrid-MemoryS9-v0", "--num-steps", "64", "--total-timesteps", "128"], cwd=tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    output = run([sys.executable, str(ROOT / "benchmark" / "minigrid_starts.py"), str(run_dir), "--episodes", "24"])
+    assert output.splitlines()[0] == f"MiniGrid-MemoryS9-v0 | {run_dir / 'ppo_trxl.cleanrl_model'} | sampled actions"
+    rows = [line.strip("|").split("|") for line in output.splitlines() if re.match(r"\| \d", line)]
+    starts = [(int(row[0]), row[1].strip()) for row in rows]
+    assert {x for x, _ in starts} <= set(range(1, 7)) and len(set(starts)) == len(starts)
+    assert (1, "no") not in starts
+    assert sum(int(row[2]) for row in rows) == 24
+    assert all(0 <= float(row[3]) <= 1 and 0 < float(row[4]) <= 96 for row in rows)
+    (total,) = [line for line in output.splitlines() if line.startswith("| all |")]
+    assert total.split("|")[3].strip() == "24"
+
+
+def test_minigrid_starts_refuses_other_envs(tmp_path):
+    run([sys.executable, str(ROOT / "ppo_trxl.py"), *TINY_RUN, "--save-model", "--total-timesteps", "64"], cwd=tmp_path)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmark" / "minigrid_starts.py"), str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was trained on ProofofMemory-v0: this tool reads MiniGrid Memory envs' cue" in lines[0]
