@@ -1253,19 +1253,25 @@ def restore_rng(rng):
 
 
 class StopSignals:
-    """Turns SIGTERM and SIGINT into a request to stop after the current iteration; a second one stops at once."""
+    """Turns SIGTERM and SIGINT into a request to stop after the current iteration. Another one stops the run at once,
+    unless it comes within a second of the first: launchers such as torchrun and timeout pass on to their children a
+    signal that the children's whole process group got as well."""
 
     def __init__(self, announce):
-        self.received, self.announce = None, announce
+        self.received, self.received_at, self.announce = None, None, announce
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._request)
 
     def _request(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-        if self.announce:  # a raw write: a print here could land inside a print that the signal interrupted
-            again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            os.write(sys.stdout.fileno(), f"\nstopping after this iteration; {again} again to stop now\n".encode())
+        name = signal.Signals(signum).name
+        if self.received is None:
+            self.received, self.received_at = name, time.monotonic()
+            if self.announce:  # raw writes: a print here could land inside a print that the signal interrupted
+                again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                os.write(sys.stdout.fileno(), f"\nstopping after this iteration; {again} again to stop now\n".encode())
+        elif time.monotonic() - self.received_at > 1.0:
+            os.write(sys.stderr.fileno(), f"stopped at once by a second {name}: the iteration under way is lost\n".encode())
+            raise SystemExit(128 + signum)
 
 
 def init_distributed(args):

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -298,6 +299,35 @@ def test_signal_to_the_group_with_async_envs_stops_cleanly(start, signum):
     assert (run.cwd / "signal-sent").exists()
     assert STOP_LINE.match(run.stdout.splitlines()[-1]).groups()[:2] == (signum.name, str(2 * BATCH)), run.stdout
     assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{2 * BATCH:012d}.pt"]
+
+
+def test_two_signals_at_once_are_one_request(start):
+    """A signal that reaches the run twice at once (a launcher such as torchrun passes on what its process group got
+    too) stops it after the iteration with a checkpoint, as one signal does."""
+    training = start(tiny("ProofofMemory-v0", total_timesteps=SIGNAL_ITERATIONS * BATCH), "double")
+    training.wait_for("iteration 2/")
+    training.signal(signal.SIGTERM)
+    training.signal(signal.SIGTERM)
+    run = training.finish()
+    assert run.returncode == 143 and "Traceback" not in run.stderr, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    step = int(STOP_LINE.match(run.stdout.splitlines()[-1]).group(2))
+    assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{step:012d}.pt"]
+
+
+def test_a_second_signal_later_stops_at_once(start):
+    """Ctrl-C, then Ctrl-C again more than a second later, inside a long iteration (8,192 steps an env): the run stops
+    at once, says so in one line, and writes no checkpoint."""
+    steps = 8192
+    training = start(tiny("ProofofMemory-v0", num_steps=steps, total_timesteps=4 * 2 * steps), "twice")
+    training.wait_for("iteration 1/")
+    training.signal(signal.SIGINT)
+    time.sleep(1.5)
+    training.signal(signal.SIGINT)
+    run = training.finish()
+    assert run.returncode == 130, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    assert run.stderr.strip().splitlines() == ["stopped at once by a second SIGINT: the iteration under way is lost"]
+    assert run.stdout.splitlines()[-1] == "stopping after this iteration; Ctrl-C again to stop now"
+    assert not (run.run_dir / "checkpoints").exists()
 
 
 # 3. A non-finite loss, forced by an env whose rewards turn to NaN in iteration 4
