@@ -97,12 +97,11 @@ def test_dry_run_prints_every_experiment_with_its_flags():
         "--trxl-positional-encoding": "none",
         "--init-lr": "3.5e-4",
         "--final-lr": "3.5e-4",
-        "--init-ent-coef": "1e-3",
-        "--final-ent-coef": "1e-3",
+        "--init-ent-coef": "3e-3",
+        "--final-ent-coef": "3e-3",
         "--update-epochs": "5",
         "--clip-coef": "0.1",
         "--max-grad-norm": "0.5",
-        "--gamma": "0.99",
     }
     assert by_env["MiniGrid-MemoryS9-v0"] == {
         "--env-id": "MiniGrid-MemoryS9-v0",
