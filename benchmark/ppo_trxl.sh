@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The PPO-TrXL experiments: the 8 documented Memory Gym configurations, MiniGrid-MemoryS9 (and its cue-at-start
-# variant, benchmark/minigrid_cue.py) in the configuration that learns it, and ProofofMemory, 3 seeds each, run locally N jobs at a time or submitted to Slurm as a job array (one GPU a job).
+# variant, benchmark/minigrid_cue.py) in the configuration that learns it, and ProofofMemory, 3 seeds each, run
+# locally N jobs at a time or submitted to Slurm as a job array (one GPU a job).
 #
 #   benchmark/ppo_trxl.sh --dry-run                                   # print every command
 #   benchmark/ppo_trxl.sh --envs ProofofMemory-v0 --jobs 3 -- --no-cuda  # 3 seeds, locally
