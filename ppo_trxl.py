@@ -247,12 +247,14 @@ def world_size():
 
 
 def fail(message):
-    """Stops the program with a one-line error that says what is wrong and how to fix it."""
-    line = f"error: {message}"
+    """Stops the program with a one-line error that says what is wrong and how to fix it. The line goes out in one
+    write: the ranks of a distributed run share their stderr, and SystemExit's message and newline are two writes,
+    between which another rank's line could fall."""
+    sys.stderr.write(f"error: {message}\n")
     if dist.is_available() and dist.is_initialized():
-        print(line, file=sys.stderr)
         leave_process_group(1)
-    raise SystemExit(line)
+    sys.stderr.flush()
+    raise SystemExit(1)
 
 
 def leave_process_group(exit_code):
