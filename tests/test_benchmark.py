@@ -102,6 +102,7 @@ def test_dry_run_prints_every_experiment_with_its_flags():
         "--update-epochs": "5",
         "--clip-coef": "0.1",
         "--max-grad-norm": "0.5",
+        "--gae-lambda": "0.99",
     }
     assert by_env["MiniGrid-MemoryS9-v0"] == {
         "--env-id": "MiniGrid-MemoryS9-v0",
