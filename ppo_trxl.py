@@ -10,10 +10,10 @@ Docs: README.md. A one-minute run on the CPU:
 How memory works here. Every layer caches its input at every step; at episode step t a layer attends to
 the cached inputs of the same episode's steps [t - w, t - 1], w = min(t, memory_length - 1): a band that
 ends just before the current step. The band of a sample is a slice of its env's timeline, the stream of
-steps that the env produced, so each cached step is standardised once (not once per sample that sees it),
-the bias-free key and value projections and norm_kv's affine move onto the queries and the attended sums,
-and the scores of a chunk of an env's steps are one matrix product with a band mask. No window is copied
-per sample. And the update encodes each distinct image of a minibatch once: on memory tasks many repeat.
+steps that the env produced. While acting, each layer's keys and values of a step are computed once and cached,
+as language models do at inference; the update computes them once per chunk of an env's consecutive steps, and
+the scores of a chunk are one matrix product with a band mask. No window is copied per sample. And the update
+encodes each distinct image of a minibatch once: on memory tasks many repeat.
 """
 
 import ctypes
@@ -512,17 +512,27 @@ def layer_init(layer, std=np.sqrt(2)):
 
 
 def band_mask(ages, episode_steps, memory_length):
-    """Which slots each query may attend: the same episode's last min(t, memory_length - 1) steps.
+    """Which slots each query may attend: the same episode's last w = min(t, memory_length - 1) steps.
 
     ages (..., P): how many timeline slots each slot lies before its query; episode_steps (...): the queries'
     episode steps t -> allowed (..., P) bool. A query at timeline slot p sees the slots [p - w, p - 1], the
-    ages 1 .. w, w = min(t, memory_length - 1):
+    ages 1 .. w:
 
         slot   . . . p-w . . . p-1  p  . . .
         seen         x  x  x  x     -
+
+    At t = 0 the published model attends uniformly over a fresh episode's window, whose slots hold zero memory.
+    Here the first step sees the one slot before its episode instead (w = 1), which holds that window's mean
+    slot (Transformer.keys_and_values): attended alone, it gives the same output, as the maps are linear.
     """
-    width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
+    width = episode_steps.clamp(1, memory_length - 1).unsqueeze(-1)
     return (ages >= 1) & (ages <= width)
+
+
+def attention_mask(allowed):
+    """allowed (N, S, P) bool -> the additive mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not.
+    A query that may attend no slot then attends uniformly over all P, as the published model does (never NaN)."""
+    return torch.where(allowed, 0.0, -1e20).unsqueeze(1)
 
 
 class PositionalEncoding(nn.Module):
@@ -541,86 +551,43 @@ class PositionalEncoding(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Every head projects its slice of width h = D / H with the same weights; scores are scaled by sqrt(D).
-
-    A slot is norm_kv's shift + scale * z, z its standardised memory (layer-normalised without the affine).
-    The key and value projections are linear maps without bias, so they can leave the slots, and so can the
-    affine: a score queries(x) . keys(shift + scale * z) equals (x @ W_queries^T @ W_keys * scale) . z plus a
-    term of x alone, the same for every slot, which the softmax ignores; the weighted sum of
-    values(shift + scale * z) is values(shift + scale * the weighted sum of z), the weights summing to 1.
-    So the attention reads the standardised memory as it is. The query and key maps are combined into one
-    matrix, shared by the heads, whose outputs take on each head's slice of the scale. The rollout, which
-    keeps its parameters for all its steps, also combines the scale, value and output maps into one, and the
-    shift into the output's bias: each of its steps goes through two projections instead of four. The update,
-    whose parameters change every minibatch, applies them in turn, which costs less than combining them and
-    differentiating the combination.
-    """
+    """Scaled dot-product attention as published: every head maps its slice of width h = D / H with the same
+    values, keys and queries maps, scores are divided by sqrt(D), and fc_out joins the heads."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
+        self.scale = dim**-0.5
         head_size = dim // num_heads
         self.values = nn.Linear(head_size, head_size, bias=False)
         self.keys = nn.Linear(head_size, head_size, bias=False)
         self.queries = nn.Linear(head_size, head_size, bias=False)
         self.fc_out = nn.Linear(dim, dim)
 
-    @staticmethod
-    def combined_output_maps(values, fc_out_t, fc_bias, kv_scale, kv_shift):
-        """The scale, value and output maps of L layers combined, from their stacked parameters: values (L, h, h),
-        fc_out_t (L, D, D) the transposed fc_out weights W_fc_out^T, fc_bias (L, D) and norm_kv's kv_scale, kv_shift (L, D).
+    def per_head(self, x, projection):
+        """x (N, P, D) -> projection of every head's slice (N, H, P, h)"""
+        return projection(x.unflatten(-1, (self.num_heads, -1))).transpose(1, 2)
 
-        Returns slot_to_out (L, D, D): fc_out of every head's values, block k W_fc_out[:, block k] @ W_values, its
-        columns scaled by kv_scale, input-major in memory like the Linear weights (see Agent); and out_bias (L, D):
-        fc_bias plus the same map, unscaled, of kv_shift."""
-        num_layers, dim, head_size = values.shape[0], fc_out_t.shape[-1], values.shape[-1]
-        # the transposed map (L, D_in, D_out): head k's rows are W_values^T @ W_fc_out^T's rows of head k
-        values_out_t = (values.mT.unsqueeze(1) @ fc_out_t.view(num_layers, -1, head_size, dim)).view(num_layers, dim, dim)
-        out_bias = torch.baddbmm(fc_bias.unsqueeze(1), kv_shift.unsqueeze(1), values_out_t).squeeze(1)
-        return (values_out_t * kv_scale.unsqueeze(-1)).mT, out_bias
+    def keys_and_values(self, slots):
+        """slots (N, P, D) the normalised memory -> keys, values (N, H, P, h)"""
+        return self.per_head(slots, self.keys), self.per_head(slots, self.values)
 
-    def forward(self, query, slots, mask, kv_affine, maps, fresh=None, explicit=False):
-        """query (N, S, D) normalised; slots (N, H, P, h) the standardised memory split into heads;
-        mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not; kv_affine: norm_kv's scale and shift (D,);
-        maps: this layer's query_to_slot (h, h), W_queries^T W_keys / sqrt(D), and its combined output maps
-        (slot_to_out (D, D), out_bias (D,)) or None (see Transformer.derive).
-
-        A query without any allowed slot attends uniformly over all P slots, as the published model does
-        at t = 0. fresh = (has_slot (N, S, 1, 1), fresh_slot (H, h)) gives such queries fresh_slot instead:
-        the mean standardised slot of a fresh episode's window, whose slots hold zero memory.
-        explicit: compute the attention weights (N, H, S, P) and return them with the output (N, S, D); otherwise
-        a fused operation keeps no weights, and None is returned with the output. The update attends explicitly:
-        its backward then computes the slots' gradient only where they have one (a learned encoding), where the
-        fused one always computes it.
-        """
-        query_to_slot, output_maps = maps
-        kv_scale, kv_shift = (part.view(self.num_heads, -1) for part in kv_affine)  # (H, h)
-        heads = query.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) @ query_to_slot * kv_scale.unsqueeze(1)
-        if explicit:  # heads (N, H, S, h)
-            weights = torch.softmax(heads @ slots.transpose(-2, -1) + mask, dim=-1)
-            attended = weights @ slots
-        else:  # softmax(heads @ slots^T + mask) @ slots in one fused operation
+    def forward(self, query, keys, values, mask, need_weights=False):
+        """query (N, S, D) normalised; keys, values (N, H, P, h); mask (N, 1, S, P) from attention_mask.
+        Returns the output (N, S, D), and with need_weights the attention weights (N, H, S, P), else None."""
+        queries = self.per_head(query, self.queries)  # (N, H, S, h)
+        if need_weights:
+            weights = torch.softmax(queries @ keys.mT * self.scale + mask, dim=-1)
+            attended = weights @ values
+        else:  # the same in one fused operation
             weights = None
-            attended = F.scaled_dot_product_attention(heads, slots, slots, attn_mask=mask, scale=1.0)
-        attended = attended.transpose(1, 2)  # (N, S, H, h)
-        if fresh is not None:
-            has_slot, fresh_slot = fresh
-            attended = torch.where(has_slot, attended, fresh_slot)
-        if output_maps is None:
-            return self.fc_out(self.values(torch.addcmul(kv_shift, attended, kv_scale)).flatten(-2)), weights
-        return F.linear(attended.flatten(-2), *output_maps), weights
-
-
-class PixelConv2d(nn.Conv2d):
-    """A Conv2d over pixel values 0-255 that computes what its weights compute on pixels scaled to [0, 1]: it scales
-    its weights by 1/255, which spares a pass over every image."""
-
-    def forward(self, pixels):
-        return F.conv2d(pixels, self.weight / 255.0, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
+        return self.fc_out(attended.transpose(1, 2).flatten(-2)), weights  # (N, H, S, h) -> (N, S, D)
 
 
 class TransformerLayer(nn.Module):
-    """A pre-layer-norm block; it attends to its own input cached at earlier steps (keys = values = norm_kv(memory))."""
+    """A pre-layer-norm block. It attends to its own input cached at earlier steps: keys and values are the
+    attention's maps of norm_kv(memory + position)."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -630,30 +597,15 @@ class TransformerLayer(nn.Module):
         self.layer_norm_attn = nn.LayerNorm(dim)
         self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
 
-    def forward(self, x, slots, mask, maps, fresh=None, explicit=False):
-        kv_affine = self.norm_kv.weight, self.norm_kv.bias
-        attended, weights = self.attention(self.layer_norm_q(x), slots, mask, kv_affine, maps, fresh, explicit)
+    def forward(self, x, keys, values, mask, need_weights=False):
+        attended, weights = self.attention(self.layer_norm_q(x), keys, values, mask, need_weights)
         x = x + attended
         return x + self.fc_projection(self.layer_norm_attn(x)), weights
-
-
-class Derived(NamedTuple):
-    """What the attention derives from the parameters alone, computed once per set of parameters: once per
-    rollout, and once per minibatch of the update (see Transformer.derive)."""
-
-    query_to_slot: torch.Tensor
-    """(L, h, h) every layer's combined query and key map W_queries^T W_keys / sqrt(D), shared by the heads"""
-    output_maps: Optional[tuple[torch.Tensor, torch.Tensor]]
-    """every layer's combined output maps, slot_to_out (L, D, D) and out_bias (L, D)
-    (MultiHeadAttention.combined_output_maps), or None"""
-    fresh_slots: Optional[torch.Tensor]
-    """(L, H, h) every layer's mean standardised slot of a fresh episode, or None"""
 
 
 class Transformer(nn.Module):
     def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding):
         super().__init__()
-        self.num_heads = num_heads
         self.dim = dim
         self.max_episode_steps = max_episode_steps
         self.positional_encoding = encoding_of(positional_encoding)
@@ -669,76 +621,43 @@ class Transformer(nn.Module):
             return self.pos_embedding(steps)
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
-    def standardise(self, memory, steps):
-        """memory (N, P, L, D) cached layer inputs at episode steps (N, P) -> (N, P, L, D), what each layer
-        attends to: its input plus the positional encoding of the slot's episode step, layer-normalised without
-        norm_kv's affine, which the attention's maps hold (see MultiHeadAttention). All layers at once."""
+    def keys_and_values(self, memory, steps, before_start=None, memory_length=None):
+        """memory (N, P, L, D) the layer inputs cached at episode steps (N, P) -> every layer's keys and values,
+        [(N, H, P, h)] * L each: the layer's maps of norm_kv(memory + position).
+
+        before_start (N, P) bool marks the slots just before an episode's first step (band_mask): they hold instead
+        the mean slot of a fresh episode's window of memory_length slots, zero memory at steps 0 .. memory_length - 1.
+        """
         memory = memory.float()
         if self.positional_encoding:
             memory = memory + self.positions(steps).unsqueeze(-2)
-        eps = self.transformer_layers[0].norm_kv.eps  # LayerNorm's default, the same for every layer
-        return F.layer_norm(memory, memory.shape[-1:], eps=eps)
+        if before_start is not None:
+            fresh = torch.zeros((memory_length, self.dim), device=memory.device)
+            if self.positional_encoding:
+                fresh = fresh + self.positions(torch.arange(memory_length, device=memory.device))
+            before_start = before_start.unsqueeze(-1)
+        keys, values = [], []
+        for layer, layer_memory in zip(self.transformer_layers, memory.unbind(-2)):
+            slots = layer.norm_kv(layer_memory)  # (N, P, D)
+            if before_start is not None:
+                slots = torch.where(before_start, layer.norm_kv(fresh).mean(0), slots)
+            layer_keys, layer_values = layer.attention.keys_and_values(slots)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return keys, values
 
-    @property
-    def learns_positions(self):
-        """Whether a parameter, the learned encoding, enters the standardised memory. Otherwise a slot is
-        standardised once, whatever the parameters, and the update attends to the rollout's standardised slots."""
-        return self.positional_encoding == "learned"
+    def forward(self, x, keys, values, allowed, need_weights=False):
+        """x (N, S, D) the encoded observations; keys, values: every layer's (keys_and_values); allowed (N, S, P) bool.
 
-    def fresh_slots(self, memory_length, device):
-        """(L, H, h): each layer's mean standardised slot over the window of a fresh episode, whose memory is zero
-        (without an encoding, zero). Standardising is the same for every layer: computed once, shared by all."""
-        steps = torch.arange(memory_length, device=device).unsqueeze(0)  # (1, M)
-        zeros = torch.zeros((1, memory_length, 1, self.dim), device=device)  # one layer's zero memory
-        fresh_slot = self.standardise(zeros, steps).mean(1).view(1, self.num_heads, -1)  # (1, M, 1, D) -> (1, H, h)
-        return fresh_slot.expand(len(self.transformer_layers), -1, -1)
-
-    def derive(self, memory_length=None, combine_outputs=False):
-        """The Derived of the current parameters; without memory_length no fresh slots (a query that may attend
-        no slot then attends uniformly, as published); with combine_outputs the combined output maps, which pay
-        when the same parameters serve many steps, as in a rollout. Every kind of weight is stacked over the
-        layers, so that all layers are derived by the same few operations."""
-
-        def stacked(weight_of):
-            return torch.stack([weight_of(layer) for layer in self.transformer_layers])
-
-        queries = stacked(lambda layer: layer.attention.queries.weight)
-        query_to_slot = queries.mT @ stacked(lambda layer: layer.attention.keys.weight) / self.dim**0.5
-        output_maps = None
-        if combine_outputs:
-            output_maps = MultiHeadAttention.combined_output_maps(
-                stacked(lambda layer: layer.attention.values.weight),
-                stacked(lambda layer: layer.attention.fc_out.weight.mT),
-                stacked(lambda layer: layer.attention.fc_out.bias),
-                stacked(lambda layer: layer.norm_kv.weight),
-                stacked(lambda layer: layer.norm_kv.bias),
-            )
-        fresh_slots = None if memory_length is None else self.fresh_slots(memory_length, queries.device)
-        return Derived(query_to_slot, output_maps, fresh_slots)
-
-    def forward(self, x, slots, allowed, derived, need_weights=False):
-        """x (N, S, D) queries; slots (N, P, L, D) standardised memory; allowed (N, S, P) bool; derived: derive().
-
-        Returns the output (N, S, D), every layer's input (N, S, L, D), which is what later steps attend to,
-        and with need_weights every layer's attention weights [(N, H, S, P)] * L (else [None] * L).
-        With gradients (the update) the attention is explicit (see MultiHeadAttention).
+        Returns the output (N, S, D), every layer's input (N, S, L, D), which later steps attend to, and every
+        layer's attention weights [(N, H, S, P)] * L with need_weights, else [None] * L.
         """
-        num_layers = len(self.transformer_layers)
-        explicit = need_weights or torch.is_grad_enabled()
-        mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)
-        has_slot = allowed.any(-1)[..., None, None]
-        slots = slots.unflatten(-1, (self.num_heads, -1)).transpose(1, 3)  # (N, P, L, H, h) -> (N, H, L, P, h)
-        if explicit:  # the (P, h) slots of each sample, head and layer in one block, as batched products read them
-            slots = slots.contiguous()
-        output_maps = [None] * num_layers if derived.output_maps is None else zip(*(m.unbind(0) for m in derived.output_maps))
-        maps = zip(derived.query_to_slot.unbind(0), output_maps)
-        fresh_slots = [None] * num_layers if derived.fresh_slots is None else derived.fresh_slots.unbind(0)
+        mask = attention_mask(allowed)
         layer_inputs, weights = [], []
-        for layer, layer_slots, layer_maps, fresh_slot in zip(self.transformer_layers, slots.unbind(2), maps, fresh_slots):
+        for layer, layer_keys, layer_values in zip(self.transformer_layers, keys, values):
             layer_inputs.append(x.detach())
-            fresh = None if fresh_slot is None else (has_slot, fresh_slot)
-            x, layer_weights = layer(x, layer_slots, mask, layer_maps, fresh, explicit)
-            weights.append(layer_weights if need_weights else None)
+            x, layer_weights = layer(x, layer_keys, layer_values, mask, need_weights)
+            weights.append(layer_weights)
         return x, torch.stack(layer_inputs, dim=-2), weights
 
 
@@ -751,20 +670,16 @@ class Agent(nn.Module):
         self.encoder_dtype = getattr(torch, getattr(args, "encoder_dtype", "float32"))  # published args lack it
         if len(self.obs_shape) > 1:
             self.encoder = nn.Sequential(
-                layer_init(PixelConv2d(3, 32, 8, stride=4)),
+                layer_init(nn.Conv2d(3, 32, 8, stride=4)),
                 nn.ReLU(inplace=True),
                 layer_init(nn.Conv2d(32, 64, 4, stride=2)),
                 nn.ReLU(inplace=True),
                 layer_init(nn.Conv2d(64, 64, 3, stride=1)),
-                nn.Flatten(),
                 nn.ReLU(inplace=True),
+                nn.Flatten(),
                 layer_init(nn.Linear(64 * 7 * 7, dim)),
                 nn.ReLU(inplace=True),
             )
-            # the images arrive channels-last (see encode): kernels in that layout are not reordered on every call.
-            # The third ReLU follows the flatten (the same values): its backward then runs in one memory layout, not on
-            # a contiguous gradient against a channels-last output, which takes about three times as long per element
-            self.encoder.to(memory_format=torch.channels_last)
         else:
             self.encoder = layer_init(nn.Linear(self.obs_shape[0], dim))
         self.transformer = Transformer(
@@ -786,22 +701,16 @@ class Agent(nn.Module):
                 layer_init(nn.ConvTranspose2d(32, 3, 8, stride=4)),
                 nn.Sigmoid(),
             )
-        # Every Linear weight (out, in) lies input-major in memory: its transpose W^T, which x @ W^T multiplies by, is
-        # contiguous. The BLAS multiplies a rollout step's small batch by it about twice as fast, and large ones as fast
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.data = module.weight.data.t().contiguous().t()
 
     def autocast(self, device):
         """Mixed precision in encoder_dtype for the convolutional parts; off in float32."""
         return torch.autocast(device.type, self.encoder_dtype, enabled=self.encoder_dtype != torch.float32)
 
     def encode(self, obs):
-        # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D) float32; an image's (B, 3, 84, 84) view is channels-last,
-        # its pixels 0-255 (PixelConv2d scales its weights instead)
+        # obs (B, 84, 84, 3) uint8 or (B, obs_dim) -> (B, D) float32, images as (B, 3, 84, 84) in [0, 1]
         with self.autocast(obs.device):
             if len(self.obs_shape) > 1:
-                obs = obs.to(self.encoder_dtype).permute(0, 3, 1, 2)
+                obs = obs.to(self.encoder_dtype).permute(0, 3, 1, 2) / 255.0
             return self.encoder(obs).float()
 
     def policy_and_value(self, trxl_out, action=None):
@@ -835,10 +744,9 @@ class Agent(nn.Module):
         Returns the transformer output (B, D), the new memory (B, L, D) and every layer's attention
         weights over the window [(B, H, M)] * L.
         """
-        derived = self.transformer.derive()
-        slots = self.transformer.standardise(memory, memory_indices)
-        allowed = memory_mask.bool().unsqueeze(1)
-        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), slots, allowed, derived, need_weights=True)
+        keys, values = self.transformer.keys_and_values(memory, memory_indices)
+        allowed = memory_mask.bool().unsqueeze(1)  # (B, 1, M)
+        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), keys, values, allowed, need_weights=True)
         return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
 
     def get_value(self, x, memory, memory_mask, memory_indices):
@@ -852,10 +760,9 @@ class Agent(nn.Module):
     def forward(self, images, image_index, actions, window, steps, memory_length, need_weights=False):
         """The update's pass over G chunks of Q consecutive steps, each with the C = memory_length - 1 slots
         before it: images (G*Q, *obs_shape) the steps' observations, or with image_index (G*Q,) the distinct ones
-        (U, *obs_shape) that it points each step to (see distinct_images); actions (G, Q, branches), steps (G, C+Q)
-        the slots' episode steps, and window the slots (G, C+Q, L, D): standardised, or with a learned encoding the
-        cached layer inputs, standardised here, where the encoding's gradient flows. Every step attends to its band
-        inside its chunk's window:
+        (U, *obs_shape) that it points each step to (see distinct_images); actions (G, Q, branches), window the
+        slots' cached layer inputs (G, C+Q, L, D) and steps their episode steps (G, C+Q). Every step attends to its
+        band inside its chunk's window:
 
             slots    [0 ........ C) [C ........ C+Q)
             step C+i        [band]   ^ the step's own slot
@@ -864,8 +771,8 @@ class Agent(nn.Module):
         need_weights every layer's attention weights [(G, H, Q, C+Q)] * L (else [None] * L).
         """
         context, num_slots = memory_length - 1, steps.shape[1]
-        derived = self.transformer.derive(memory_length)
-        slots = self.transformer.standardise(window, steps) if self.transformer.learns_positions else window
+        before_start = F.pad(steps[:, 1:] == 0, (0, 1))  # (G, C+Q); the last slot's successor lies outside the window
+        keys, values = self.transformer.keys_and_values(window, steps, before_start, memory_length)
         episode_steps = steps[:, context:]  # (G, Q)
         positions = torch.arange(num_slots, device=steps.device)  # the chunk's steps sit at slots C .. C+Q-1
         ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
@@ -875,13 +782,14 @@ class Agent(nn.Module):
             # then sums a repeated image's gradients in a fixed order, where index_select's atomics on a GPU would not
             x = F.one_hot(image_index, len(x)).to(x.dtype) @ x
         x = x.view(*episode_steps.shape, self.transformer_dim)
-        out, _, weights = self.transformer(x, slots, allowed, derived, need_weights)
+        out, _, weights = self.transformer(x, keys, values, allowed, need_weights)
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
         return log_probs, entropy, value, hidden, weights
 
 
 class Timeline:
-    """Every env's recent stream of steps: the cached layer inputs that later steps attend to.
+    """Every env's recent stream of steps: the cached layer inputs that later steps attend to, and their keys and
+    values under the rollout's parameters (a key/value cache, as in language-model inference).
 
     Slots [0, C) hold the last C = memory_length - 1 steps of the previous rollout (all that a band can
     reach back), slots [C, C + num_steps) this rollout's steps:
@@ -890,7 +798,7 @@ class Timeline:
                previous rollout | this rollout: step s at slot C + s
     """
 
-    def __init__(self, num_envs, num_steps, memory_length, num_layers, dim, dtype, device, cue_in_view=False):
+    def __init__(self, num_envs, num_steps, memory_length, num_layers, dim, num_heads, dtype, device, cue_in_view=False):
         self.context = memory_length - 1
         self.memory_length = memory_length
         # (C,): how many slots each slot of a rollout step's window lies before the step (band_mask's ages)
@@ -898,39 +806,60 @@ class Timeline:
         slots = self.context + num_steps
         self.memory = torch.zeros((num_envs, slots, num_layers, dim), dtype=dtype, device=device)  # (E, C+S, L, D)
         self.steps = torch.zeros((num_envs, slots), dtype=torch.long, device=device)  # (E, C+S) episode steps
-        # the standardised memory (Transformer.standardise) that the rollout attends to, and without a learned
-        # encoding the update too: (E, C+S, L, D)
-        self.standardised = torch.zeros((num_envs, slots, num_layers, dim), device=device)
+        # every layer's keys and values of every slot: (L, E, H, C+S, h)
+        self.keys = torch.zeros((num_layers, num_envs, num_heads, slots, dim // num_heads), device=device)
+        self.values = torch.zeros_like(self.keys)
         # with cue_in_view, whether each slot's observation showed the cue (MiniGrid Memory, see cue_in_view): (E, C+S),
         # and whether each env's current episode has shown it so far: (E,)
         self.cue_in_view = torch.zeros((num_envs, slots), dtype=torch.bool, device=device) if cue_in_view else None
         self.cue_seen = torch.zeros(num_envs, dtype=torch.bool, device=device) if cue_in_view else None
 
-    def carry_over(self):
-        """Moves the last C steps, standardised as they are, to the front, making room for the next rollout."""
+    def begin(self, transformer, next_episode_steps):
+        """Makes room for a rollout that starts at next_episode_steps (E,): moves the last C steps to the front and
+        caches their keys and values under transformer's parameters, which the rollout keeps."""
         if self.context > 0:
             self.memory[:, : self.context] = self.memory[:, -self.context :].clone()
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
-            self.standardised[:, : self.context] = self.standardised[:, -self.context :].clone()
             if self.cue_in_view is not None:
                 self.cue_in_view[:, : self.context] = self.cue_in_view[:, -self.context :].clone()
+        self.steps[:, self.context] = next_episode_steps
+        self.cache(transformer, slice(0, self.context), self.steps[:, 1 : self.context + 1] == 0)
+        with torch.inference_mode():  # for place_fresh: (L, 1, H, h) each
+            one_slot = self.steps[:1, :1]
+            fresh = transformer.keys_and_values(
+                self.memory[:1, :1], one_slot, torch.ones_like(one_slot, dtype=torch.bool), self.memory_length
+            )
+            self.fresh_keys, self.fresh_values = (torch.stack(part)[:, :, :, 0] for part in fresh)
+
+    def record(self, transformer, s, layer_inputs):
+        """Caches rollout step s: every layer's input (E, L, D), and its keys and values."""
+        self.memory[:, self.context + s] = layer_inputs
+        self.cache(transformer, slice(self.context + s, self.context + s + 1))
 
     @torch.inference_mode()
-    def standardise(self, transformer, slots):
-        """Standardises the slots (a slice) with the transformer's current positional encoding."""
-        self.standardised[:, slots] = transformer.standardise(self.memory[:, slots], self.steps[:, slots])
+    def cache(self, transformer, slots, before_start=None):
+        """Caches the keys and values of slots (a slice) under transformer's parameters (keys_and_values)."""
+        keys, values = transformer.keys_and_values(
+            self.memory[:, slots], self.steps[:, slots], before_start, self.memory_length
+        )
+        self.keys[:, :, :, slots] = torch.stack(keys)
+        self.values[:, :, :, slots] = torch.stack(values)
+
+    def place_fresh(self, slot, envs):
+        """Gives slot of envs (E,) bool, whose episodes begin after it, the fresh episode's keys and values (band_mask)."""
+        self.keys[:, envs, :, slot] = self.fresh_keys
+        self.values[:, envs, :, slot] = self.fresh_values
 
 
 @torch.inference_mode()
-def rollout_step(agent, timeline, derived, obs, episode_steps, s):
-    """The policy at rollout step s for all envs: each env attends to its band just before slot C + s,
-    whose slots the timeline has standardised; derived: the transformer's derive(memory_length), its output maps
-    combined or not.
-    Returns action, log-probs, value, and every layer's input (E, L, D) to cache at slot C + s."""
-    context = timeline.context
-    window = timeline.standardised[:, s : s + context]  # (E, C, L, D); the query sits at slot C
+def rollout_step(agent, timeline, obs, episode_steps, s):
+    """The policy at rollout step s for all envs: each env attends to its band just before slot C + s, from the
+    timeline's key/value cache. Returns action, log-probs, value, and every layer's input (E, L, D) to cache at
+    slot C + s."""
+    window = slice(s, s + timeline.context)  # the query sits at slot C + s
     allowed = band_mask(timeline.window_ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
-    out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), window, allowed, derived)
+    keys, values = timeline.keys[:, :, :, window], timeline.values[:, :, :, window]  # (L, E, H, C, h)
+    out, layer_inputs, _ = agent.transformer(agent.encode(obs).unsqueeze(1), keys, values, allowed)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
     return action, log_probs, value, layer_inputs.squeeze(1)
 
@@ -953,7 +882,9 @@ class Rollout:
         self.rewards = torch.zeros((E, S), device=device)
         self.values = torch.zeros((E, S), device=device)
         memory_dtype = getattr(torch, args.memory_dtype)
-        self.timeline = Timeline(E, S, memory_length, args.trxl_num_layers, args.trxl_dim, memory_dtype, device, cue_in_view)
+        self.timeline = Timeline(
+            E, S, memory_length, args.trxl_num_layers, args.trxl_dim, args.trxl_num_heads, memory_dtype, device, cue_in_view
+        )
 
     def advantages(self, next_value, next_episode_steps, gamma, gae_lambda):
         """The GAE advantages (E, S) of this rollout, bootstrapped with next_value (E,) of the observations that
@@ -971,12 +902,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
     """
     timeline, context = rollout.timeline, rollout.timeline.context
     device = next_obs.device
-    timeline.carry_over()
-    with torch.inference_mode():
-        # the parameters stay fixed during the rollout: derived once, the output maps combined
-        derived = agent.transformer.derive(timeline.memory_length, combine_outputs=True)
-    if agent.transformer.learns_positions:  # the carried-over slots' positions changed with the parameters
-        timeline.standardise(agent.transformer, slice(0, context))
+    timeline.begin(agent.transformer, next_episode_steps)
     finished_episodes = []
     for s in range(rollout.obs.shape[1]):
         rollout.obs[:, s] = next_obs
@@ -985,16 +911,18 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
             in_view = torch.as_tensor(cue_in_view(envs), device=device)
             timeline.cue_in_view[:, context + s] = in_view
             timeline.cue_seen |= in_view
-        action, logprob, value, layer_inputs = policy_step(agent, timeline, derived, next_obs, next_episode_steps, s)
+        action, logprob, value, layer_inputs = policy_step(agent, timeline, next_obs, next_episode_steps, s)
         rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
-        timeline.memory[:, context + s] = layer_inputs
-        timeline.standardise(agent.transformer, slice(context + s, context + s + 1))
+        timeline.record(agent.transformer, s, layer_inputs)
 
         next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy().reshape(envs.action_space.shape))
         rollout.rewards[:, s] = torch.as_tensor(reward, dtype=torch.float32, device=device)
         next_obs = torch.as_tensor(next_obs, device=device)
-        next_done = torch.as_tensor(np.logical_or(terminations, truncations), device=device)
+        done = np.logical_or(terminations, truncations)
+        next_done = torch.as_tensor(done, device=device)
         next_episode_steps = torch.where(next_done, 0, next_episode_steps + 1)
+        if done.any():
+            timeline.place_fresh(context + s, next_done)
         if "_episode" in infos:
             finished = infos["_episode"]
             columns = [infos["episode"][key][finished].tolist() for key in ("r", "l", "t")]
@@ -1005,7 +933,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
             timeline.cue_seen &= ~next_done
 
     # The bootstrap value follows the same band rule as every rollout step
-    _, _, next_value, _ = policy_step(agent, timeline, derived, next_obs, next_episode_steps, rollout.obs.shape[1])
+    _, _, next_value, _ = policy_step(agent, timeline, next_obs, next_episode_steps, rollout.obs.shape[1])
     return next_obs, next_episode_steps, next_value, finished_episodes
 
 
@@ -1065,7 +993,8 @@ def distinct_images(images):
     features, and in the backward pass its gradient, are those of the one image. On the memory tasks many repeat:
     an agent that waits or walks into a wall, a cue shown for several steps, a room that several envs show alike.
     Images are grouped by their hash, then compared in full with their group's first image: where two images
-    share a hash but differ, all N are returned as they are."""
+    share a hash but differ, all N are returned as they are. An update of MiniGrid-MemoryS9's documented config takes
+    0.68 s instead of 2.6 s, MortarMayhem-Grid's 0.47 s instead of 0.85 s (benchmark/README.md)."""
     hashes, index = torch.unique(image_hashes(images), return_inverse=True)  # (U,), (N,)
     if len(hashes) == len(images):
         return images, None
@@ -1087,11 +1016,9 @@ def chunk_windows(timeline, chunks):
 def evaluate(agent, timeline, chunks, obs, actions, need_weights=False):
     """The update's pass over chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps (Agent.forward).
     obs (G, Q, *obs_shape), actions (G, Q, branches); images are encoded once each (distinct_images), vectors, which
-    one product encodes, as they are. agent may be wrapped: DistributedDataParallel keeps it as .module,
-    torch.compile passes attributes through."""
+    one product encodes, as they are. agent may be wrapped (DistributedDataParallel, torch.compile)."""
     windows = chunk_windows(timeline, chunks)
-    learns_positions = getattr(agent, "module", agent).transformer.learns_positions
-    window = take(timeline.memory if learns_positions else timeline.standardised, windows)  # (G, C+Q, L, D)
+    window = take(timeline.memory, windows)  # (G, C+Q, L, D)
     images, image_index = obs.flatten(0, 1), None
     if obs.dtype == torch.uint8:
         images, image_index = distinct_images(images)
@@ -1338,8 +1265,8 @@ def keep_freed_memory():
     """Lets glibc's malloc keep freed blocks of up to 64 MiB for reuse instead of handing them back to the system.
 
     Otherwise every large tensor, such as a minibatch's image activations, gets fresh pages from the system and
-    pays a page fault for each on first write: about a tenth of the time of an image update on a 2-core CPU.
-    Does nothing where malloc is not glibc's.
+    pays a page fault for each on first write: 10-14% of MiniGrid-MemoryS9's time on a 2-core Xeon VM, 8% on a
+    2-core EPYC VM (benchmark/README.md). Does nothing where malloc is not glibc's.
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -1348,29 +1275,8 @@ def keep_freed_memory():
         mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
-def flatten_parameters(module):
-    """Moves every parameter of module into one flat parameter, and every gradient into its gradient: each parameter
-    becomes a view of its slice, in its own memory layout. The optimizer step, the gradient clipping and the zeroing
-    of the gradients then take one operation each instead of one per parameter, which on a CPU cost more than the
-    arithmetic of a small model. Backward accumulates into the views; zero the flat gradient in place (zero_grad
-    would drop it). Call it once the model is complete and on its device: a parameter added or moved (.to) later
-    is not in the flat one. Returns the flat parameter."""
-    parameters = list(module.parameters())
-    flat = nn.Parameter(torch.zeros(sum(p.numel() for p in parameters), device=parameters[0].device))
-    flat.grad = torch.zeros_like(flat)
-    offset = 0
-    for p in parameters:
-        view = flat.data.as_strided(p.shape, p.stride(), offset)  # p's layout (contiguous or channels-last) in its slice
-        p.data = view.copy_(p.data)
-        p.grad = flat.grad.as_strided(p.shape, p.stride(), offset)
-        offset += p.numel()
-    return flat
-
-
 def model_weights(agent):
-    """The agent's state_dict with every tensor copied into its own contiguous storage, as published files hold them.
-    In training the parameters are views of one flat tensor, which torch.save would write whole under every one of
-    them, and which tools such as safetensors refuse (tensors that share memory)."""
+    """The agent's state_dict with every tensor copied into its own contiguous storage, as published files hold them."""
     return {name: tensor.detach().clone(memory_format=torch.contiguous_format) for name, tensor in agent.state_dict().items()}
 
 
@@ -1445,15 +1351,15 @@ if __name__ == "__main__":
     agent = Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
     if checkpoint:
         agent.load_state_dict(checkpoint["model_weights"])
-    parameters = flatten_parameters(agent)
-    optimizer = torch.optim.AdamW([parameters], lr=args.init_lr, fused=True)
+    parameters = list(agent.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, fused=True)
     if checkpoint:
         try:
             optimizer.load_state_dict(checkpoint["optimizer"])
         except ValueError:
             fail(
-                f"the optimizer state in {checkpoint['path']} does not fit this ppo_trxl.py, which keeps all parameters "
-                "in one flat tensor: resume it with the version that wrote it"
+                f"the optimizer state in {checkpoint['path']} does not fit this ppo_trxl.py, which keeps one state per "
+                "parameter: resume it with the version that wrote it"
             )
         if rank == 0:
             restore_rng(checkpoint["rng"])
@@ -1468,7 +1374,10 @@ if __name__ == "__main__":
     rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device, is_minigrid_memory(args.env_id))
     if rank == 0:
         print(
-            banner(args, observation_space, action_space_shape, device, parameters.numel(), run_name, checkpoint), flush=True
+            banner(
+                args, observation_space, action_space_shape, device, sum(p.numel() for p in parameters), run_name, checkpoint
+            ),
+            flush=True,
         )
 
     # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
@@ -1526,7 +1435,7 @@ if __name__ == "__main__":
                 )
                 if mb_attention is not None:
                     attention_summaries.append(mb_attention)
-                parameters.grad.zero_()
+                optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
@@ -1564,7 +1473,7 @@ if __name__ == "__main__":
             explained_var,
             *attention,
         ) = mean_over_ranks(iteration_stats).tolist()
-        if not (math.isfinite(loss) and parameters.isfinite().all()):
+        if not (math.isfinite(loss) and all(p.isfinite().all() for p in parameters)):
             envs.close()
             if rank == 0:
                 writer.close()  # the earlier iterations' logs

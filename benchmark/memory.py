@@ -146,7 +146,6 @@ def main():
     print_rows(rows)
 
     agent = ppo_trxl.Agent(args, observation_space, branches, limit)
-    ppo_trxl.flatten_parameters(agent)  # as the trainer does: the gradients are allocated once, with the parameters
     parameter_bytes = sum(tensor_bytes(parameter) for parameter in agent.parameters())
     print(f"\nModel ({sum(parameter.numel() for parameter in agent.parameters()):,} parameters)")
     print_rows(
@@ -178,10 +177,9 @@ def main():
     mb = next(ppo_trxl.minibatches(E, S, args.num_minibatches, torch.device("cpu")))
     queries = mb[1].shape[1]
     memory_dtype = getattr(torch, args.memory_dtype)
-    timeline = ppo_trxl.Timeline(E, S, memory_length, L, D, memory_dtype, "cpu")
+    timeline = ppo_trxl.Timeline(E, S, memory_length, L, D, args.trxl_num_heads, memory_dtype, "cpu")
     timeline.memory.copy_(torch.randn(timeline.memory.shape))
     timeline.steps.copy_(limit + torch.arange(timeline.steps.shape[1]))
-    timeline.standardise(agent.transformer, slice(None))
     if rollout.obs.dtype == torch.uint8:
         obs = torch.randint(0, 256, (E, queries) + observation_space.shape, dtype=torch.uint8)
     else:
@@ -189,9 +187,11 @@ def main():
     actions = torch.stack([torch.randint(0, n, (E, queries)) for n in branches], dim=-1)
 
     attention = {}
-    agent.transformer.register_forward_pre_hook(lambda _, inputs: attention.update(slots=inputs[1], allowed=inputs[2]))
+    agent.transformer.register_forward_pre_hook(
+        lambda _, inputs: attention.update(keys=inputs[1], values=inputs[2], allowed=inputs[3])
+    )
     agent.transformer.transformer_layers[0].attention.register_forward_hook(
-        lambda _, inputs, outputs: attention.update(mask=inputs[2])
+        lambda _, inputs, outputs: attention.update(mask=inputs[3])
     )
     saved = SavedTensors(agent)
     forward_backward = time.perf_counter()
@@ -210,8 +210,9 @@ def main():
         f"each attending to a band of its chunk's window of {timeline.context + queries} timeline slots"
     )
     rows = [
-        (f"slots attended, layer {i}", layer_slots, tensor_bytes(layer_slots))
-        for i, layer_slots in enumerate(attention["slots"].unbind(2))  # (G, C+Q, L, D) -> [(G, C+Q, D)] * L
+        (f"{name}, layer {i}", tensor, tensor_bytes(tensor))
+        for i, layer_keys_and_values in enumerate(zip(attention["keys"], attention["values"]))  # [(G, H, C+Q, h)] * L
+        for name, tensor in zip(("keys", "values"), layer_keys_and_values)
     ]
     rows += [("band (allowed)", attention["allowed"], tensor_bytes(attention["allowed"]))]
     rows += [("mask (all layers)", attention["mask"], tensor_bytes(attention["mask"]))]

@@ -8,21 +8,21 @@ encoder, forward and backward, against everything else. Timed in one process on 
 The configs are benchmark/throughput.py's. Each iteration runs as the trainer runs it: collect_rollout on the
 real envs, the advantages (Rollout.advantages), then update_epochs passes over the minibatches, each through the
 trainer's loss (ppo_loss, which gathers the minibatch and evaluates it), backward, gradient clipping and the
-fused AdamW step on the flat parameters. The learning rate and entropy coefficient stay at their initial values.
+fused AdamW step. The learning rate and entropy coefficient stay at their initial values.
 --compile is not supported: its compiled graphs hide the parts that are timed here.
 
 How the parts are timed (wall clock; on a GPU every mark waits for the GPU first):
 - the rollout: the envs' step, Agent.encode, the transformer, the heads (policy_and_value) and the timeline's
-  standardising of new slots, each wrapped with a timer; "the rest" is what remains of collect_rollout
+  caching of keys and values, each wrapped with a timer; "the rest" is what remains of collect_rollout
   (buffer writes, host transfers, the bootstrap step's remainder);
 - the update's encoder forward: Agent.encode, wrapped, which also counts the observations it takes (each distinct
   image of a minibatch once);
 - the update's encoder backward: from the moment the loss's gradient reaches the encoder's output to the moment it
-  reaches what Agent.forward computed before encoding (tensor hooks): the attention's maps, and with a learned
-  encoding the standardised window. Autograd takes the encoder's operations in between;
+  reaches what Agent.forward computed before encoding (tensor hooks): the windows' keys and values. Autograd takes
+  the encoder's operations in between;
 - the update's transformer and heads: their forward passes, wrapped; "the rest" is what remains of the update:
   their backward passes, the losses, the advantages and the minibatches' gathering and search for repeated images
-  (with a reconstruction head also the decoder, and with a learned encoding the standardising of the windows);
+  and the windows' keys and values, forward and backward (with a reconstruction head also the decoder);
 - the gradient clipping and the optimizer step, together.
 The first iteration (start-up, first calls) is left out of the averages.
 """
@@ -43,7 +43,7 @@ import throughput  # noqa: E402
 
 import ppo_trxl  # noqa: E402
 
-ROLLOUT_PARTS = ("envs", "encoder", "transformer", "heads", "standardising new slots")
+ROLLOUT_PARTS = ("envs", "encoder", "transformer", "heads", "caching keys and values")
 OPTIMIZER = "gradient clipping and optimizer step"
 UPDATE_PARTS = ("encoder forward", "transformer", "heads", "encoder backward")
 
@@ -95,7 +95,7 @@ def iterate(args, agent, envs, rollout, parameters, optimizer, clock, state):
         for _ in range(args.update_epochs):
             for mb in ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, rollout.obs.device):
                 loss = ppo_trxl.ppo_loss(args, args.init_ent_coef, agent, agent, rollout, mb, advantages, returns)[0]
-                parameters.grad.zero_()
+                optimizer.zero_grad()
                 clock.marks.clear()
                 loss.backward()
                 clock.seconds["update", "encoder backward"] += min(clock.marks["before encoding"]) - clock.marks["encoder"][0]
@@ -110,8 +110,8 @@ def instrument(agent, envs, rollout, clock):
     envs.step = clock.timed("envs", envs.step)
     agent.transformer.forward = clock.timed("transformer", agent.transformer.forward)
     agent.policy_and_value = clock.timed("heads", agent.policy_and_value)
-    rollout.timeline.standardise = clock.timed("standardising new slots", rollout.timeline.standardise)
-    encode, derive, standardise = agent.encode, agent.transformer.derive, agent.transformer.standardise
+    rollout.timeline.cache = clock.timed("caching keys and values", rollout.timeline.cache)
+    encode, keys_and_values = agent.encode, agent.transformer.keys_and_values
 
     def timed_encode(obs):
         with clock.timing("encoder" if clock.phase == "rollout" else "encoder forward"):
@@ -121,19 +121,14 @@ def instrument(agent, envs, rollout, clock):
             clock.encoded.append(len(obs))
         return encoded
 
-    def marked_derive(*args, **kwargs):
-        derived = derive(*args, **kwargs)
-        if derived.query_to_slot.requires_grad:
-            clock.mark(derived.query_to_slot, "before encoding")
-        return derived
+    def marked_keys_and_values(*args):
+        keys, values = keys_and_values(*args)
+        if keys[0].requires_grad:  # in the update
+            for tensor in keys + values:
+                clock.mark(tensor, "before encoding")
+        return keys, values
 
-    def marked_standardise(*args):
-        slots = standardise(*args)
-        if slots.requires_grad:  # a learned encoding, in the update
-            clock.mark(slots, "before encoding")
-        return slots
-
-    agent.encode, agent.transformer.derive, agent.transformer.standardise = timed_encode, marked_derive, marked_standardise
+    agent.encode, agent.transformer.keys_and_values = timed_encode, marked_keys_and_values
 
 
 def main():
@@ -157,8 +152,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     envs, next_obs, observation_space, branches, limit = ppo_trxl.make_envs(args, "phases", args.seed)
     agent = ppo_trxl.Agent(args, observation_space, branches, limit).to(device)
-    parameters = ppo_trxl.flatten_parameters(agent)
-    optimizer = torch.optim.AdamW([parameters], lr=args.init_lr, fused=True)
+    parameters = list(agent.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, fused=True)
     rollout = ppo_trxl.Rollout(args, observation_space, len(branches), min(args.trxl_memory_length, limit), device)
     clock = Clock(device)
     instrument(agent, envs, rollout, clock)
@@ -185,7 +180,7 @@ def main():
     rows.append(("rollout", "the rest", mean["rollout", "total"] - sum(seconds for *_, seconds in rows)))
     rows += [("update", part, mean["update", part]) for part in UPDATE_PARTS + (OPTIMIZER,)]
     rest = mean["update", "total"] - sum(seconds for phase, _, seconds in rows if phase == "update")
-    rows.append(("update", "the rest: the transformer's and heads' backward, losses, GAE", rest))
+    rows.append(("update", "the rest: the transformer's and heads' backward, keys and values, losses, GAE", rest))
     print(
         f"\nMean over iterations 2-{options.iterations}: {total:.3f} s an iteration, {args.batch_size / total:,.0f} steps/s\n"
     )

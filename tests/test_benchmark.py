@@ -343,8 +343,9 @@ def test_memory_prints_the_buffers_of_a_tiny_config():
     assert row_bytes("timeline.memory") == 4 * (7 + 32) * 1 * 32 * 2  # (E, C+S, L, D) in bfloat16
     assert row_bytes("timeline.steps") == 4 * (7 + 32) * 8
     assert row_bytes("one minibatch's episode copy") == 64 * 16 * 1 * 32 * 4
-    assert row_bytes("slots attended, layer 0") == 4 * (7 + 16) * 32 * 4  # a chunk's window of every env, one layer
-    assert "slots attended, layer 1" not in output
+    assert row_bytes("timeline.keys") == row_bytes("timeline.values") == 1 * 4 * (7 + 32) * 32 * 4  # (L, E, H, C+S, h)
+    assert row_bytes("keys, layer 0") == row_bytes("values, layer 0") == 4 * (7 + 16) * 32 * 4  # a chunk's window, every env
+    assert "keys, layer 1" not in output
     assert row_bytes("transformer layer 0") > 0
     assert "peak during forward + backward" in output
 
@@ -359,9 +360,9 @@ def test_phases_splits_an_image_iteration_into_its_parts():
         r"^\| (rollout|update) \| ([^|]+) \| ([\d.]+) \| (\d+)% \|$", output, re.MULTILINE
     ):
         seconds[phase, part.strip()] = float(value)
-    rollout_parts = ["envs", "encoder", "transformer", "heads", "standardising new slots", "the rest"]
+    rollout_parts = ["envs", "encoder", "transformer", "heads", "caching keys and values", "the rest"]
     update_parts = ["encoder forward", "transformer", "heads", "encoder backward", "gradient clipping and optimizer step"]
-    update_parts.append("the rest: the transformer's and heads' backward, losses, GAE")
+    update_parts.append("the rest: the transformer's and heads' backward, keys and values, losses, GAE")
     assert set(seconds) == {("rollout", part) for part in rollout_parts + ["total"]} | {
         ("update", part) for part in update_parts + ["total"]
     }

@@ -161,9 +161,10 @@ def test_resumed_checkpoints_load_and_are_pruned(resumed_run):
     assert newest["iteration"] == KILL_ITERATIONS
     assert newest["args"]["total_timesteps"] == BATCH * KILL_ITERATIONS
     # AdamW counts every update of the run, so its state came through the resume: 2 minibatches per iteration
-    (state,) = newest["optimizer"]["state"].values()  # of the one flat parameter
-    assert float(state["step"]) == 2.0 * KILL_ITERATIONS
-    assert state["exp_avg"].abs().sum() > 0, "the gradients reached AdamW"
+    states = newest["optimizer"]["state"].values()  # one a parameter
+    assert len(states) == len(newest["optimizer"]["param_groups"][0]["params"]) > 1
+    assert all(float(state["step"]) == 2.0 * KILL_ITERATIONS for state in states)
+    assert sum(state["exp_avg"].abs().sum() for state in states) > 0, "the gradients reached AdamW"
     assert all(torch.isfinite(tensor).all() for tensor in newest["model_weights"].values())
     assert no_temporary_files(resumed_run.cwd)
 
@@ -397,12 +398,12 @@ def copied_run(cwd, source):
     return f"runs/{source.run_dir.name}"
 
 
-def per_parameter_optimizer_state(cwd, source):
-    """The run's newest checkpoint with an AdamW state of one entry per parameter, as a trainer that keeps them apart writes."""
+def flat_optimizer_state(cwd, source):
+    """The run's newest checkpoint with an AdamW state of one flat parameter, as earlier versions of the trainer wrote."""
     run = copied_run(cwd, source)
     newest = checkpoints(cwd / run)[-1]
     checkpoint = torch.load(newest, weights_only=True)
-    checkpoint["optimizer"]["param_groups"][0]["params"] = list(range(len(checkpoint["model_weights"])))
+    checkpoint["optimizer"]["param_groups"][0]["params"] = [0]
     checkpoint["optimizer"]["state"] = {}
     torch.save(checkpoint, newest)
     return ["--resume", run]
@@ -424,7 +425,7 @@ BAD_INPUTS = {
         lambda cwd, source: ["--resume", copied_run(cwd, source), "--trxl-dim", "64"],
         "--trxl-dim 64 differs from the checkpoint's 32",
     ),
-    "resume-per-parameter-optimizer-state": (per_parameter_optimizer_state, "does not fit this ppo_trxl.py"),
+    "resume-flat-optimizer-state": (flat_optimizer_state, "does not fit this ppo_trxl.py"),
     "resume-other-memory-length": (
         lambda cwd, source: ["--resume", copied_run(cwd, source), "--trxl-memory-length", "4"],
         "memory length 4 differs",

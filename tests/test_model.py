@@ -1,6 +1,5 @@
 """The model against the published one, and the trainer's bookkeeping: the update sees what the rollout saw."""
 
-import copy
 import types
 from pathlib import Path
 
@@ -88,8 +87,7 @@ def attention_as_published(layer, x, slots, mask):
 @pytest.mark.parametrize("encoding", ["absolute", "learned", "none"])
 @torch.no_grad()
 def test_attention_matches_the_published_formula(encoding):
-    """window_pass, whose attention reads standardised slots and holds norm_kv's affine in its maps, computes
-    what the published layers compute, a row without any allowed slot (t = 0) included."""
+    """window_pass computes what the published layers compute, a row without any allowed slot (t = 0) included."""
     torch.manual_seed(0)
     args = ppo_trxl.Args(trxl_dim=24, trxl_num_heads=3, trxl_num_layers=2, trxl_positional_encoding=encoding)
     agent = ppo_trxl.Agent(args, gym.spaces.Box(-1.0, 1.0, (5,), np.float32), (3,), 20)
@@ -120,25 +118,22 @@ def test_trainer_paths_replay_the_golden_episode(golden, device):
     args = types.SimpleNamespace(**golden["checkpoint"]["args"])
     length = episode["obs"].shape[0]
     timeline = ppo_trxl.Timeline(
-        1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, torch.float32, device
+        1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, args.trxl_num_heads, torch.float32, device
     )
-    context, memory_length = timeline.context, timeline.memory_length
-    derived = agent.transformer.derive(memory_length, combine_outputs=True)  # as collect_rollout derives
+    context = timeline.context
+    timeline.begin(agent.transformer, torch.tensor([0], device=device))  # as collect_rollout begins
     values = []
     for t in range(length):
         episode_steps = torch.tensor([t], device=device)
         timeline.steps[:, context + t] = episode_steps
-        _, _, value, layer_inputs = ppo_trxl.rollout_step(
-            agent, timeline, derived, episode["obs"][t : t + 1], episode_steps, t
-        )
-        timeline.memory[:, context + t] = layer_inputs
-        timeline.standardise(agent.transformer, slice(context + t, context + t + 1))
+        _, _, value, layer_inputs = ppo_trxl.rollout_step(agent, timeline, episode["obs"][t : t + 1], episode_steps, t)
+        timeline.record(agent.transformer, t, layer_inputs)
         values.append(value)
     expected = episode["per_step_outputs"]
     torch.testing.assert_close(torch.cat(values), expected["value"], **TOLERANCE)
     torch.testing.assert_close(timeline.memory[0, context:], episode["final_episode_memory"], **TOLERANCE)
 
-    with torch.enable_grad():  # the update's explicit attention
+    with torch.enable_grad():  # as the update evaluates
         log_probs, entropy, value, _, _ = ppo_trxl.evaluate(
             agent,
             timeline,
@@ -270,9 +265,8 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
 
 @torch.no_grad()
 def test_image_encoder_matches_the_published_encoder():
-    """Agent.encode takes the pixels as they are (0-255), scales conv1's weights instead of the images, and applies
-    the last convolution's ReLU after the flatten: from the same state_dict it computes what the published encoder
-    computes on the images scaled to [0, 1]."""
+    """Agent.encode takes the HWC uint8 images: from the same state_dict it computes what the published encoder
+    computes on the images moved to CHW and scaled to [0, 1]."""
     torch.manual_seed(0)
     agent = ppo_trxl.Agent(ppo_trxl.Args(trxl_dim=32), gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), (4,), 119)
     published = torch.nn.Sequential(
@@ -350,8 +344,7 @@ def test_repeated_images_are_encoded_once():
     memory_length, chunks, steps = 5, 2, 5
     actions = torch.stack([torch.randint(0, 3, (chunks, steps)), torch.randint(0, 2, (chunks, steps))], -1)
     episode_steps = torch.arange(memory_length - 1 + steps).expand(chunks, -1)
-    memory = torch.randn(chunks, memory_length - 1 + steps, args.trxl_num_layers, args.trxl_dim)
-    window = agent.transformer.standardise(memory, episode_steps)
+    window = torch.randn(chunks, memory_length - 1 + steps, args.trxl_num_layers, args.trxl_dim)
 
     def outputs_and_gradients(images, image_index):
         agent.zero_grad()
@@ -386,56 +379,6 @@ def test_images_that_share_a_hash_stay_apart():
     assert hashes[0] == hashes[1] and not torch.equal(image, twin)
     images, image_index = ppo_trxl.distinct_images(pair)
     assert image_index is None and torch.equal(images, pair), "two images with one hash were merged"
-
-
-def test_flat_parameters_train_like_separate_ones():
-    """After flatten_parameters every parameter is a view of the flat one in its own memory layout (the image
-    encoder's kernels stay channels-last, the Linear weights input-major), backward fills the flat gradient, and
-    an AdamW step on the flat parameter moves every parameter as AdamW over the separate parameters does. The
-    state_dict is unchanged."""
-    torch.manual_seed(0)
-    args = ppo_trxl.Args(trxl_dim=32, trxl_num_heads=2, trxl_num_layers=2, reconstruction_coef=0.1)
-    observation_space = gym.spaces.Box(0, 255, (84, 84, 3), np.uint8)
-    separate = ppo_trxl.Agent(args, observation_space, (3, 2), 64)
-    flattened = copy.deepcopy(separate)
-    flat = ppo_trxl.flatten_parameters(flattened)
-    assert flat.numel() == sum(p.numel() for p in separate.parameters())
-    span = range(flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size())
-    for (name, p), q in zip(separate.named_parameters(), flattened.parameters()):
-        assert torch.equal(p, q) and p.stride() == q.stride(), name
-        assert q.data_ptr() in span, name
-    assert flattened.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
-    assert all(m.weight.mT.is_contiguous() for m in flattened.modules() if isinstance(m, torch.nn.Linear))  # input-major
-
-    # the update's pass over 2 chunks of 3 steps, each with the 4 slots before it
-    memory_length, chunks, steps = 5, 2, 3
-    obs = torch.randint(0, 256, (chunks, steps, 84, 84, 3), dtype=torch.uint8)
-    actions = torch.stack([torch.randint(0, 3, (chunks, steps)), torch.randint(0, 2, (chunks, steps))], -1)
-    memory = torch.randn(chunks, memory_length - 1 + steps, args.trxl_num_layers, args.trxl_dim)
-    episode_steps = torch.tensor([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 0, 1, 2]])
-    window = separate.transformer.standardise(memory, episode_steps)  # no parameter enters the absolute encoding
-
-    def train_step(agent, parameters):
-        optimizer = torch.optim.AdamW(parameters, lr=1e-2, fused=True)
-        for _ in range(2):
-            log_probs, entropy, value, hidden, _ = agent(
-                obs.flatten(0, 1), None, actions, window, episode_steps, memory_length
-            )
-            loss = log_probs.sum() + entropy.mean() + value.pow(2).mean() + agent.reconstruct_observation(hidden).mean()
-            for p in parameters:
-                p.grad = None if p is not flat else p.grad.zero_()
-            loss.backward()
-            optimizer.step()
-
-    train_step(separate, list(separate.parameters()))
-    train_step(flattened, [flat])
-    for (name, p), q in zip(separate.named_parameters(), flattened.parameters()):
-        assert q.data_ptr() in span and q.grad.data_ptr() in range(flat.grad.data_ptr(), flat.grad.data_ptr() + len(span))
-        torch.testing.assert_close(q.grad, p.grad, **TOLERANCE, msg=name)  # the convolutions sum in another order
-        torch.testing.assert_close(q, p, **TOLERANCE, msg=name)
-    published = ppo_trxl.Agent(args, observation_space, (3, 2), 64)
-    published.load_state_dict(flattened.state_dict(), strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(published.state_dict().values(), flattened.state_dict().values()))
 
 
 def minigrid_rollouts(env_id, rollouts=2, **flags):
