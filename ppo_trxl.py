@@ -31,7 +31,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, NamedTuple, Optional
+from typing import Annotated, Literal, Optional
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
