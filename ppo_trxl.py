@@ -968,14 +968,6 @@ def minibatches(num_envs, num_steps, num_minibatches, device):
         yield rows, chunks[:, k : k + 1] * share + offsets
 
 
-def take(buffer, chunks):
-    """buffer (E, S, ...)[chunks] -> (G, Q, ...) for chunks = (env rows (G, 1), steps (G, Q)), as whole rows copied
-    by index_select: for images and memory windows several times faster than indexing, which copies element by element."""
-    rows, steps = chunks
-    samples = (rows * buffer.shape[1] + steps).flatten()
-    return buffer.flatten(0, 1).index_select(0, samples).view(*steps.shape, *buffer.shape[2:])
-
-
 def image_hashes(images):
     """images (N, 84, 84, 3) uint8 -> (N,) int64: every image's 8-byte words w_i (2,646 of them) summed as
     sum_i c_i * w_i modulo 2^64, with random coefficients c_i fixed by a seed. Equal images hash alike."""
@@ -1018,11 +1010,11 @@ def evaluate(agent, timeline, chunks, obs, actions, need_weights=False):
     obs (G, Q, *obs_shape), actions (G, Q, branches); images are encoded once each (distinct_images), vectors, which
     one product encodes, as they are. agent may be wrapped (DistributedDataParallel, torch.compile)."""
     windows = chunk_windows(timeline, chunks)
-    window = take(timeline.memory, windows)  # (G, C+Q, L, D)
+    window = timeline.memory[windows]  # (G, C+Q, L, D)
     images, image_index = obs.flatten(0, 1), None
     if obs.dtype == torch.uint8:
         images, image_index = distinct_images(images)
-    steps = take(timeline.steps, windows)  # (G, C+Q)
+    steps = timeline.steps[windows]  # (G, C+Q)
     return agent(images, image_index, actions, window, steps, timeline.memory_length, need_weights)
 
 
@@ -1036,11 +1028,11 @@ def attention_summary(weights, timeline, chunks):
     num_slots, context = windows[1].shape[1], timeline.context
     positions = torch.arange(num_slots, device=windows[1].device)
     ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
-    attending = (take(timeline.steps, windows)[:, context:] > 0).unsqueeze(1)  # (G, 1, Q)
+    attending = (timeline.steps[windows][:, context:] > 0).unsqueeze(1)  # (G, 1, Q)
     if timeline.cue_in_view is None:
         cue = torch.zeros(windows[1].shape, device=ages.device)
     else:
-        cue = take(timeline.cue_in_view, windows).float()  # (G, C+Q)
+        cue = timeline.cue_in_view[windows].float()  # (G, C+Q)
     summary = []
     for layer_weights in weights:  # (G, H, Q, C+Q)
         per_query = torch.stack(
@@ -1065,7 +1057,7 @@ def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns, n
 
     Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, the log-ratio and ratio (E*Q, branches),
     and with need_attention the attention_summary (L, 3) of the minibatch (else None)."""
-    mb_obs = take(rollout.obs, mb)  # (E, Q, *obs_shape)
+    mb_obs = rollout.obs[mb]  # (E, Q, *obs_shape)
     newlogprob, entropy, newvalue, hidden, weights = evaluate(
         learner, rollout.timeline, mb, mb_obs, rollout.actions[mb], need_attention
     )
