@@ -14,7 +14,8 @@ fused AdamW step. The learning rate and entropy coefficient stay at their initia
 How the parts are timed (wall clock; on a GPU every mark waits for the GPU first):
 - the rollout: the envs' step, Agent.encode, the transformer, the heads (policy_and_value) and the timeline's
   caching of keys and values, each wrapped with a timer; "the rest" is what remains of collect_rollout
-  (buffer writes, host transfers, the bootstrap step's remainder);
+  (buffer writes, host transfers, the search for images seen before in the rollout, the bootstrap step's
+  remainder);
 - the update's encoder forward: Agent.encode, wrapped, which also counts the observations it takes (each distinct
   image of a minibatch once);
 - the update's encoder backward: from the moment the loss's gradient reaches the encoder's output to the moment it

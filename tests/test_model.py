@@ -126,7 +126,8 @@ def test_trainer_paths_replay_the_golden_episode(golden, device):
     for t in range(length):
         episode_steps = torch.tensor([t], device=device)
         timeline.steps[:, context + t] = episode_steps
-        _, _, value, layer_inputs = ppo_trxl.rollout_step(agent, timeline, episode["obs"][t : t + 1], episode_steps, t)
+        features = agent.encode(episode["obs"][t : t + 1])
+        _, _, value, layer_inputs = ppo_trxl.rollout_step(agent, timeline, features, episode_steps, t)
         timeline.record(agent.transformer, t, layer_inputs)
         values.append(value)
     expected = episode["per_step_outputs"]
@@ -358,11 +359,10 @@ def test_repeated_images_are_encoded_once():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_images_that_share_a_hash_stay_apart():
-    """image_hashes is linear in an image's 8-byte words: adding c_k to word j and taking c_j from word k, where c_j
-    and c_k are the hashes of images holding a single 1 in word j or k, keeps the hash. distinct_images must still
-    keep the two images apart."""
-    torch.manual_seed(0)
+def images_that_share_a_hash():
+    """Two different images with one hash. image_hashes is linear in an image's 8-byte words: adding c_k to word j
+    and taking c_j from word k, where c_j and c_k are the hashes of images holding a single 1 in word j or k, keeps
+    the hash."""
     unit = torch.zeros(2, 84 * 84 * 3 // 8, dtype=torch.int64)
     j, k = 5, 2000
     unit[0, j] = unit[1, k] = 1
@@ -372,11 +372,41 @@ def test_images_that_share_a_hash_stay_apart():
     words[j] += c_k
     words[k] -= c_j
     twin = words.view(torch.uint8).view(84, 84, 3)
+    assert ppo_trxl.image_hashes(torch.stack([image, twin])).unique().numel() == 1 and not torch.equal(image, twin)
+    return image, twin
+
+
+def test_images_that_share_a_hash_stay_apart():
+    """distinct_images keeps two images with one hash apart."""
+    torch.manual_seed(0)
+    image, twin = images_that_share_a_hash()
     pair = torch.stack([image, twin, image])
-    hashes = ppo_trxl.image_hashes(pair)
-    assert hashes[0] == hashes[1] and not torch.equal(image, twin)
     images, image_index = ppo_trxl.distinct_images(pair)
     assert image_index is None and torch.equal(images, pair), "two images with one hash were merged"
+
+
+def test_the_rollout_encodes_each_image_once(monkeypatch):
+    """While acting, an image seen before in the rollout keeps the features it got then and is not encoded again;
+    an image whose hash came with another image is encoded."""
+    torch.manual_seed(0)
+    args = ppo_trxl.Args(trxl_dim=32, trxl_num_heads=2, trxl_num_layers=2)
+    agent = ppo_trxl.Agent(args, gym.spaces.Box(0, 255, (84, 84, 3), np.uint8), (3,), 64)
+    image, twin = images_that_share_a_hash()
+    other = torch.randint(0, 256, (84, 84, 3), dtype=torch.uint8)
+    steps = [[image, other], [other, twin], [twin, image], [other, image]]  # 2 envs, 4 steps
+    encode, encoded = agent.encode, []
+
+    def counted_encode(obs):
+        encoded.append(len(obs))
+        return encode(obs)
+
+    monkeypatch.setattr(agent, "encode", counted_encode)
+    rollout_encoder = ppo_trxl.RolloutEncoder(agent, remember_images=True)
+    for step in steps:
+        obs = torch.stack(step)
+        torch.testing.assert_close(rollout_encoder(obs), encode(obs), **TOLERANCE)
+    # twin shares image's hash: it is new at step 2, image again at step 3 (its hash last came with twin), none at step 4
+    assert encoded == [2, 1, 1], encoded
 
 
 def minigrid_rollouts(env_id, rollouts=2, **flags):
