@@ -871,13 +871,13 @@ class RolloutEncoder:
         if self.seen is None:
             return self.agent.encode(obs)
         hashes = image_hashes(obs).tolist()
-        seen = [self.seen.get(h) for h in hashes]  # (image, features) or None
+        entries = [self.seen.get(h) for h in hashes]  # each env's (image, features) seen under its hash, or None
         # an image whose hash came with another image is new
-        new = [i for i, entry in enumerate(seen) if entry is None or not torch.equal(entry[0], obs[i])]
+        new = [i for i, entry in enumerate(entries) if entry is None or not torch.equal(entry[0], obs[i])]
         if new:
             for i, encoded in zip(new, self.agent.encode(obs[new])):
-                self.seen[hashes[i]] = seen[i] = (obs[i], encoded)
-        return torch.stack([features for _, features in seen])  # (E, D)
+                self.seen[hashes[i]] = entries[i] = (obs[i], encoded)
+        return torch.stack([features for _, features in entries])  # (E, D)
 
 
 @torch.inference_mode()
