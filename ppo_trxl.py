@@ -521,11 +521,10 @@ def band_mask(ages, episode_steps, memory_length):
         slot   . . . p-w . . . p-1  p  . . .
         seen         x  x  x  x     -
 
-    At t = 0 the published model attends uniformly over a fresh episode's window, whose slots hold zero memory.
-    Here the first step sees the one slot before its episode instead (w = 1), which holds that window's mean
-    slot (Transformer.keys_and_values): attended alone, it gives the same output, as the maps are linear.
+    At t = 0 (w = 0) it sees no slot. The published model then attends uniformly over a fresh episode's window,
+    whose slots hold zero memory: such a query gets that window's mean value (Transformer.fresh_values).
     """
-    width = episode_steps.clamp(1, memory_length - 1).unsqueeze(-1)
+    width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
     return (ages >= 1) & (ages <= width)
 
 
@@ -572,8 +571,10 @@ class MultiHeadAttention(nn.Module):
         """slots (N, P, D) the normalised memory -> keys, values (N, H, P, h)"""
         return self.per_head(slots, self.keys), self.per_head(slots, self.values)
 
-    def forward(self, query, keys, values, mask, need_weights=False):
+    def forward(self, query, keys, values, mask, fresh=None, need_weights=False):
         """query (N, S, D) normalised; keys, values (N, H, P, h); mask (N, 1, S, P) from attention_mask.
+        fresh: None, or the queries that may attend no slot (N, S, 1) bool and the value (D,) that they get instead
+        (Transformer.fresh_values); without it they attend uniformly over all P, as in the published model.
         Returns the output (N, S, D), and with need_weights the attention weights (N, H, S, P), else None."""
         queries = self.per_head(query, self.queries)  # (N, H, S, h)
         if need_weights:
@@ -582,7 +583,11 @@ class MultiHeadAttention(nn.Module):
         else:  # the same in one fused operation
             weights = None
             attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
-        return self.fc_out(attended.transpose(1, 2).flatten(-2)), weights  # (N, H, S, h) -> (N, S, D)
+        attended = attended.transpose(1, 2).flatten(-2)  # (N, H, S, h) -> (N, S, D)
+        if fresh is not None:
+            starts, fresh_value = fresh
+            attended = torch.where(starts, fresh_value, attended)
+        return self.fc_out(attended), weights
 
 
 class TransformerLayer(nn.Module):
@@ -597,8 +602,8 @@ class TransformerLayer(nn.Module):
         self.layer_norm_attn = nn.LayerNorm(dim)
         self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
 
-    def forward(self, x, keys, values, mask, need_weights=False):
-        attended, weights = self.attention(self.layer_norm_q(x), keys, values, mask, need_weights)
+    def forward(self, x, keys, values, mask, fresh=None, need_weights=False):
+        attended, weights = self.attention(self.layer_norm_q(x), keys, values, mask, fresh, need_weights)
         x = x + attended
         return x + self.fc_projection(self.layer_norm_attn(x)), weights
 
@@ -621,42 +626,48 @@ class Transformer(nn.Module):
             return self.pos_embedding(steps)
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
-    def keys_and_values(self, memory, steps, before_start=None, memory_length=None):
+    def keys_and_values(self, memory, steps):
         """memory (N, P, L, D) the layer inputs cached at episode steps (N, P) -> every layer's keys and values,
-        [(N, H, P, h)] * L each: the layer's maps of norm_kv(memory + position).
-
-        before_start (N, P) bool marks the slots just before an episode's first step (band_mask): they hold instead
-        the mean slot of a fresh episode's window of memory_length slots, zero memory at steps 0 .. memory_length - 1.
-        """
+        [(N, H, P, h)] * L each: the layer's maps of norm_kv(memory + position)."""
         memory = memory.float()
         if self.positional_encoding:
             memory = memory + self.positions(steps).unsqueeze(-2)
-        if before_start is not None:
-            fresh = torch.zeros((memory_length, self.dim), device=memory.device)
-            if self.positional_encoding:
-                fresh = fresh + self.positions(torch.arange(memory_length, device=memory.device))
-            before_start = before_start.unsqueeze(-1)
         keys, values = [], []
         for layer, layer_memory in zip(self.transformer_layers, memory.unbind(-2)):
-            slots = layer.norm_kv(layer_memory)  # (N, P, D)
-            if before_start is not None:
-                slots = torch.where(before_start, layer.norm_kv(fresh).mean(0), slots)
-            layer_keys, layer_values = layer.attention.keys_and_values(slots)
+            layer_keys, layer_values = layer.attention.keys_and_values(layer.norm_kv(layer_memory))
             keys.append(layer_keys)
             values.append(layer_values)
         return keys, values
 
-    def forward(self, x, keys, values, allowed, need_weights=False):
+    def fresh_values(self, memory_length, device):
+        """What every layer's attention gives a query at an episode's first step, [(D,)] * L: the published model
+        attends uniformly over a fresh episode's window, memory_length slots of zero memory at the steps
+        0 .. memory_length - 1, so the query gets the value of their mean slot (the maps are linear)."""
+        fresh = torch.zeros((memory_length, self.dim), device=device)
+        if self.positional_encoding:
+            fresh = fresh + self.positions(torch.arange(memory_length, device=device))
+        return [
+            layer.attention.per_head(layer.norm_kv(fresh).mean(0)[None, None], layer.attention.values).flatten()
+            for layer in self.transformer_layers
+        ]
+
+    def forward(self, x, keys, values, allowed, fresh_values=None, need_weights=False):
         """x (N, S, D) the encoded observations; keys, values: every layer's (keys_and_values); allowed (N, S, P) bool.
+        With fresh_values (see fresh_values), a query that may attend no slot (t = 0, band_mask) gets them.
 
         Returns the output (N, S, D), every layer's input (N, S, L, D), which later steps attend to, and every
         layer's attention weights [(N, H, S, P)] * L with need_weights, else [None] * L.
         """
         mask = attention_mask(allowed)
+        if fresh_values is None:
+            fresh = [None] * len(keys)
+        else:
+            starts = ~allowed.any(-1, keepdim=True)  # (N, S, 1)
+            fresh = [(starts, value) for value in fresh_values]
         layer_inputs, weights = [], []
-        for layer, layer_keys, layer_values in zip(self.transformer_layers, keys, values):
+        for layer, layer_keys, layer_values, layer_fresh in zip(self.transformer_layers, keys, values, fresh):
             layer_inputs.append(x.detach())
-            x, layer_weights = layer(x, layer_keys, layer_values, mask, need_weights)
+            x, layer_weights = layer(x, layer_keys, layer_values, mask, layer_fresh, need_weights)
             weights.append(layer_weights)
         return x, torch.stack(layer_inputs, dim=-2), weights
 
@@ -771,8 +782,7 @@ class Agent(nn.Module):
         need_weights every layer's attention weights [(G, H, Q, C+Q)] * L (else [None] * L).
         """
         context, num_slots = memory_length - 1, steps.shape[1]
-        before_start = F.pad(steps[:, 1:] == 0, (0, 1))  # (G, C+Q); the last slot's successor lies outside the window
-        keys, values = self.transformer.keys_and_values(window, steps, before_start, memory_length)
+        keys, values = self.transformer.keys_and_values(window, steps)
         episode_steps = steps[:, context:]  # (G, Q)
         positions = torch.arange(num_slots, device=steps.device)  # the chunk's steps sit at slots C .. C+Q-1
         ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
@@ -782,7 +792,9 @@ class Agent(nn.Module):
             # then sums a repeated image's gradients in a fixed order, where index_select's atomics on a GPU would not
             x = F.one_hot(image_index, len(x)).to(x.dtype) @ x
         x = x.view(*episode_steps.shape, self.transformer_dim)
-        out, _, weights = self.transformer(x, keys, values, allowed, need_weights)
+        out, _, weights = self.transformer(
+            x, keys, values, allowed, self.transformer.fresh_values(memory_length, steps.device), need_weights
+        )
         _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
         return log_probs, entropy, value, hidden, weights
 
@@ -814,22 +826,17 @@ class Timeline:
         self.cue_in_view = torch.zeros((num_envs, slots), dtype=torch.bool, device=device) if cue_in_view else None
         self.cue_seen = torch.zeros(num_envs, dtype=torch.bool, device=device) if cue_in_view else None
 
-    def begin(self, transformer, next_episode_steps):
-        """Makes room for a rollout that starts at next_episode_steps (E,): moves the last C steps to the front and
-        caches their keys and values under transformer's parameters, which the rollout keeps."""
+    def begin(self, transformer):
+        """Makes room for a rollout: moves the last C steps to the front and caches their keys and values under
+        transformer's parameters, which the rollout keeps, and what its episodes' first steps attend to."""
         if self.context > 0:
             self.memory[:, : self.context] = self.memory[:, -self.context :].clone()
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
             if self.cue_in_view is not None:
                 self.cue_in_view[:, : self.context] = self.cue_in_view[:, -self.context :].clone()
-        self.steps[:, self.context] = next_episode_steps
-        self.cache(transformer, slice(0, self.context), self.steps[:, 1 : self.context + 1] == 0)
-        with torch.inference_mode():  # for place_fresh: (L, 1, H, h) each
-            one_slot = self.steps[:1, :1]
-            fresh = transformer.keys_and_values(
-                self.memory[:1, :1], one_slot, torch.ones_like(one_slot, dtype=torch.bool), self.memory_length
-            )
-            self.fresh_keys, self.fresh_values = (torch.stack(part)[:, :, :, 0] for part in fresh)
+        self.cache(transformer, slice(0, self.context))
+        with torch.inference_mode():
+            self.fresh_values = transformer.fresh_values(self.memory_length, self.memory.device)  # [(D,)] * L
 
     def record(self, transformer, s, layer_inputs):
         """Caches rollout step s: every layer's input (E, L, D), and its keys and values."""
@@ -837,18 +844,11 @@ class Timeline:
         self.cache(transformer, slice(self.context + s, self.context + s + 1))
 
     @torch.inference_mode()
-    def cache(self, transformer, slots, before_start=None):
+    def cache(self, transformer, slots):
         """Caches the keys and values of slots (a slice) under transformer's parameters (keys_and_values)."""
-        keys, values = transformer.keys_and_values(
-            self.memory[:, slots], self.steps[:, slots], before_start, self.memory_length
-        )
+        keys, values = transformer.keys_and_values(self.memory[:, slots], self.steps[:, slots])
         self.keys[:, :, :, slots] = torch.stack(keys)
         self.values[:, :, :, slots] = torch.stack(values)
-
-    def place_fresh(self, slot, envs):
-        """Gives slot of envs (E,) bool, whose episodes begin after it, the fresh episode's keys and values (band_mask)."""
-        self.keys[:, envs, :, slot] = self.fresh_keys
-        self.values[:, envs, :, slot] = self.fresh_values
 
 
 class RolloutEncoder:
@@ -888,7 +888,7 @@ def rollout_step(agent, timeline, features, episode_steps, s):
     window = slice(s, s + timeline.context)  # the query sits at slot C + s
     allowed = band_mask(timeline.window_ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
     keys, values = timeline.keys[:, :, :, window], timeline.values[:, :, :, window]  # (L, E, H, C, h)
-    out, layer_inputs, _ = agent.transformer(features.unsqueeze(1), keys, values, allowed)
+    out, layer_inputs, _ = agent.transformer(features.unsqueeze(1), keys, values, allowed, timeline.fresh_values)
     action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
     return action, log_probs, value, layer_inputs.squeeze(1)
 
@@ -931,7 +931,7 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
     """
     timeline, context = rollout.timeline, rollout.timeline.context
     device = next_obs.device
-    timeline.begin(agent.transformer, next_episode_steps)
+    timeline.begin(agent.transformer)
     encode = RolloutEncoder(agent, remember_images=rollout.obs.dtype == torch.uint8 and device.type == "cpu")
     finished_episodes = []
     for s in range(rollout.obs.shape[1]):
@@ -952,8 +952,6 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
         done = np.logical_or(terminations, truncations)
         next_done = torch.as_tensor(done, device=device)
         next_episode_steps = torch.where(next_done, 0, next_episode_steps + 1)
-        if done.any():
-            timeline.place_fresh(context + s, next_done)
         if "_episode" in infos:
             finished = infos["_episode"]
             columns = [infos["episode"][key][finished].tolist() for key in ("r", "l", "t")]

@@ -121,7 +121,7 @@ def test_trainer_paths_replay_the_golden_episode(golden, device):
         1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, args.trxl_num_heads, torch.float32, device
     )
     context = timeline.context
-    timeline.begin(agent.transformer, torch.tensor([0], device=device))  # as collect_rollout begins
+    timeline.begin(agent.transformer)  # as collect_rollout begins
     values = []
     for t in range(length):
         episode_steps = torch.tensor([t], device=device)
