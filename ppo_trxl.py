@@ -828,7 +828,7 @@ class Timeline:
 
     def begin(self, transformer):
         """Makes room for a rollout: moves the last C steps to the front and caches their keys and values under
-        transformer's parameters, which the rollout keeps, and what its episodes' first steps attend to."""
+        transformer's parameters, which the rollout keeps, and the values its episodes' first steps get (fresh_values)."""
         if self.context > 0:
             self.memory[:, : self.context] = self.memory[:, -self.context :].clone()
             self.steps[:, : self.context] = self.steps[:, -self.context :].clone()
