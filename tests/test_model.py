@@ -216,7 +216,7 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
         torch._dynamo.reset()
         learner, policy_step = torch.compile(agent), ppo_trxl.compiled_rollout_step()
 
-    seen = dict(first_step=0, reaches_back=0, full_window=0)
+    seen = dict(first_step=0, reaches_back=0, full_window=0, cut_chunk_window=0, whole_chunk_window=0)
     if rollout.obs.dtype == torch.uint8:  # minibatches that encode a repeated image once
         seen["repeated_images"] = 0
     for _ in range(3):
@@ -229,6 +229,8 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
             covered = torch.zeros(args.num_envs, args.num_steps, dtype=torch.long, device=device)
             for mb in [whole_rollout, *ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, device)]:
                 covered[mb] += 1
+                cut = ppo_trxl.chunk_windows(timeline, mb)[1].shape[1] < context + mb[1].shape[1]
+                seen["cut_chunk_window" if cut else "whole_chunk_window"] += 1
                 if "repeated_images" in seen:
                     seen["repeated_images"] += ppo_trxl.distinct_images(rollout.obs[mb].flatten(0, 1))[1] is not None
                 with torch.enable_grad():  # as the update evaluates
