@@ -1035,8 +1035,8 @@ def chunk_windows(timeline, chunks):
     C, is the most that the chunks' first steps reach: no band reaches the slots before, and they are left out.
     While episodes are shorter than the memory this spares the update most of the windows' keys and values: on a
     2-core CPU MortarMayhem-Grid-v0 (8 envs x 128 steps, 4 minibatches) trained at 777 steps/s against 700 with
-    whole windows (+11%), the default Endless-MortarMayhem-v0 config at 506 against 453 (+12%) in 2.4 GB instead
-    of 3.3 (benchmark/README.md)."""
+    whole windows (+11%), the default Endless-MortarMayhem-v0 config at 506 against 453 (+12%) in 2.4 GiB resident
+    instead of 3.2 (benchmark/README.md)."""
     rows, steps = chunks
     first = timeline.context + steps[:, :1]  # (G, 1): each chunk's first step's slot
     reach = int(timeline.steps[rows, first].clamp(max=timeline.context).max())
