@@ -1043,11 +1043,10 @@ def chunk_windows(timeline, chunks):
     return rows, first - reach + torch.arange(reach + steps.shape[1], device=steps.device)
 
 
-def evaluate(agent, timeline, chunks, obs, actions, need_weights=False):
-    """The update's pass over chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps (Agent.forward).
+def evaluate(agent, timeline, windows, obs, actions, need_weights=False):
+    """The update's pass over chunks of consecutive rollout steps (Agent.forward), given their windows (chunk_windows).
     obs (G, Q, *obs_shape), actions (G, Q, branches); images are encoded once each (distinct_images), vectors, which
     one product encodes, as they are. agent may be wrapped (DistributedDataParallel, torch.compile)."""
-    windows = chunk_windows(timeline, chunks)
     window = timeline.memory[windows]  # (G, C+Q, L, D)
     images, image_index = obs.flatten(0, 1), None
     if obs.dtype == torch.uint8:
@@ -1056,15 +1055,14 @@ def evaluate(agent, timeline, chunks, obs, actions, need_weights=False):
     return agent(images, image_index, actions, window, steps, timeline.memory_length, need_weights)
 
 
-def attention_summary(weights, timeline, chunks):
-    """What the steps of chunks attended to, from the update's attention weights over their windows
-    [(G, H, Q, C+Q)] * L. Returns (L, 3): each layer's mean age of the attended slots (in steps before the query),
-    the entropy of its attention (nats; log w for w slots attended alike), and the attention on the slots whose
-    observation showed the cue (0 without a cue_in_view record), each averaged over the heads and over the steps
-    that may attend some slot (t >= 1)."""
-    windows = chunk_windows(timeline, chunks)
+def attention_summary(weights, timeline, windows):
+    """What the steps of a minibatch's chunks attended to, from the update's attention weights over their windows
+    (chunk_windows) [(G, H, Q, C+Q)] * L. Returns (L, 3): each layer's mean age of the attended slots (in steps
+    before the query), the entropy of its attention (nats; log w for w slots attended alike), and the attention on
+    the slots whose observation showed the cue (0 without a cue_in_view record), each averaged over the heads and
+    over the steps that may attend some slot (t >= 1)."""
     num_slots = windows[1].shape[1]
-    context = num_slots - chunks[1].shape[1]
+    context = num_slots - weights[0].shape[2]
     positions = torch.arange(num_slots, device=windows[1].device)
     ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
     attending = (timeline.steps[windows][:, context:] > 0).unsqueeze(1)  # (G, 1, Q)
@@ -1097,8 +1095,9 @@ def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns, n
     Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, the log-ratio and ratio (E*Q, branches),
     and with need_attention the attention_summary (L, 3) of the minibatch (else None)."""
     mb_obs = rollout.obs[mb]  # (E, Q, *obs_shape)
+    windows = chunk_windows(rollout.timeline, mb)
     newlogprob, entropy, newvalue, hidden, weights = evaluate(
-        learner, rollout.timeline, mb, mb_obs, rollout.actions[mb], need_attention
+        learner, rollout.timeline, windows, mb_obs, rollout.actions[mb], need_attention
     )
     mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (E*Q, branches)
     mb_advantages, mb_returns, mb_values = advantages[mb].flatten(), returns[mb].flatten(), rollout.values[mb].flatten()
@@ -1124,7 +1123,7 @@ def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns, n
     if args.reconstruction_coef > 0.0:
         r_loss = F.binary_cross_entropy(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
         loss = loss + args.reconstruction_coef * r_loss
-    attention = attention_summary([w.detach() for w in weights], rollout.timeline, mb) if need_attention else None
+    attention = attention_summary([w.detach() for w in weights], rollout.timeline, windows) if need_attention else None
     return loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio, attention
 
 

@@ -197,7 +197,9 @@ def main():
     forward_backward = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            log_probs, entropy, value, hidden, _ = ppo_trxl.evaluate(agent, timeline, mb, obs, actions)
+            log_probs, entropy, value, hidden, _ = ppo_trxl.evaluate(
+                agent, timeline, ppo_trxl.chunk_windows(timeline, mb), obs, actions
+            )
             loss = log_probs.sum() + entropy.sum() + value.sum()
             if args.reconstruction_coef > 0:
                 target = obs.flatten(0, 1).float() / 255.0

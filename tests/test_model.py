@@ -138,7 +138,7 @@ def test_trainer_paths_replay_the_golden_episode(golden, device):
         log_probs, entropy, value, _, _ = ppo_trxl.evaluate(
             agent,
             timeline,
-            (torch.tensor([[0]], device=device), torch.arange(length, device=device).unsqueeze(0)),
+            ppo_trxl.chunk_windows(timeline, (torch.tensor([[0]], device=device), torch.arange(length, device=device)[None])),
             episode["obs"][None],
             episode["actions"][None],
         )
@@ -229,12 +229,15 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
             covered = torch.zeros(args.num_envs, args.num_steps, dtype=torch.long, device=device)
             for mb in [whole_rollout, *ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, device)]:
                 covered[mb] += 1
-                cut = ppo_trxl.chunk_windows(timeline, mb)[1].shape[1] < context + mb[1].shape[1]
+                windows = ppo_trxl.chunk_windows(timeline, mb)
+                cut = windows[1].shape[1] < context + mb[1].shape[1]
                 seen["cut_chunk_window" if cut else "whole_chunk_window"] += 1
                 if "repeated_images" in seen:
                     seen["repeated_images"] += ppo_trxl.distinct_images(rollout.obs[mb].flatten(0, 1))[1] is not None
                 with torch.enable_grad():  # as the update evaluates
-                    log_probs, _, value, _, _ = ppo_trxl.evaluate(learner, timeline, mb, rollout.obs[mb], rollout.actions[mb])
+                    log_probs, _, value, _, _ = ppo_trxl.evaluate(
+                        learner, timeline, windows, rollout.obs[mb], rollout.actions[mb]
+                    )
                 torch.testing.assert_close(log_probs, rollout.logprobs[mb].flatten(0, 1), **tolerance)
                 torch.testing.assert_close(value, rollout.values[mb].flatten(), **tolerance)
             assert (covered == 2).all(), "the minibatches deal every step exactly once"
