@@ -45,9 +45,11 @@ from ppo_trxl import (
     VideoFile,
     action_branches,
     episode_limit,
+    episode_limit_under,
     fail,
     is_memory_gym,
     make_env,
+    task_settings,
     watch_render_mode,
 )
 
@@ -98,6 +100,8 @@ class Args:
     """end an episode after this many steps (the Endless envs have no limit of their own)"""
     seed: int = 1
     """seed of the environment and of the sampled actions"""
+    reset_params: Optional[str] = None
+    """Memory Gym task settings, a JSON object such as '{"command_count": [3]}' (default: those the agent was trained on)"""
     deterministic: bool = False
     """take the most likely action of every branch instead of sampling"""
     video: Optional[str] = None
@@ -451,9 +455,14 @@ def main(args):
     # gymnasium 0.29 warns when MiniGrid's wrappers reach through each other, and when it draws an env on screen for it
     warnings.filterwarnings("ignore", message=".*to get variables from other wrappers is deprecated")
     warnings.filterwarnings("ignore", message=".*The HumanRendering wrapper is being applied")
-    env = make_env(train_args.env_id, 0, False, "", render_mode)()
-    env.reset(seed=args.seed)  # Memory Gym sets its episode limit in reset
-    agent = Agent(train_args, env.observation_space, action_branches(env.action_space), episode_limit(env)).to(device)
+    # the agent plays the task settings it was trained on unless --reset-params overrides them (published agents have
+    # none), and its model keeps the episode limit of its training settings, which sizes the positional encoding
+    trained_params = getattr(train_args, "reset_params", None)
+    reset_params = args.reset_params if args.reset_params is not None else trained_params
+    trained_limit = episode_limit_under(train_args.env_id, task_settings(train_args.env_id, trained_params))
+    env = make_env(train_args.env_id, 0, False, "", render_mode, task_settings(train_args.env_id, reset_params))()
+    env.reset(seed=args.seed)  # rendered once to size the video
+    agent = Agent(train_args, env.observation_space, action_branches(env.action_space), trained_limit).to(device)
     mismatch = state_dict_mismatch(agent.state_dict(), weights)
     if mismatch:
         fail(f"the weights in '{path}' do not fit the model that its args describe: {mismatch}")
@@ -467,7 +476,8 @@ def main(args):
     render_by_hand = render_mode == "human" and is_memory_gym(train_args.env_id)  # Memory Gym draws only when asked
 
     actions = "deterministic actions" if args.deterministic else "sampled actions"
-    print(f"{train_args.env_id} | {path} | {device} | {actions}", flush=True)
+    settings = f" | task settings {reset_params}" if reset_params is not None else ""
+    print(f"{train_args.env_id}{settings} | {path} | {device} | {actions}", flush=True)
     if render_mode is None and args.render:
         print("no display to show the episodes on: add --video agent.mp4 to watch them", flush=True)
     returns, lengths = [], []

@@ -21,6 +21,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib
+import json
 import math
 import os
 import random
@@ -107,6 +108,9 @@ class ExperimentArgs:
 class EnvArgs:
     env_id: str = "MortarMayhem-Grid-v0"
     """the id of the environment (`module:EnvId` imports the module that registers it)"""
+    reset_params: Optional[str] = None
+    """Memory Gym task settings passed to every reset of every env, a JSON object such as '{"command_count": [3]}'
+    (the keys of the env's default_reset_parameters; the others keep their defaults)"""
     num_envs: int = 32
     """the number of parallel game environments"""
     async_envs: bool = False
@@ -286,9 +290,10 @@ def check_args(args):
         )
     if args.trxl_dim % args.trxl_num_heads:
         fail(f"--trxl-dim {args.trxl_dim} is not divisible by --trxl-num-heads {args.trxl_num_heads}")
-    if args.trxl_memory_length < 2:
+    if args.trxl_memory_length < 1:
         fail(
-            f"--trxl-memory-length {args.trxl_memory_length} is below 2: the window holds the current step, which is never attended"
+            f"--trxl-memory-length {args.trxl_memory_length} is below 1: a step attends to the last memory_length - 1 "
+            "steps, and 1 (none) is the memoryless control"
         )
     if args.reconstruction_coef < 0:
         fail("--reconstruction-coef must be 0 (off) or positive")
@@ -296,6 +301,7 @@ def check_args(args):
         fail("--compile needs a C++ compiler for torch.compile (g++, or the one $CXX names): install one or drop --compile")
     if args.checkpoint_interval < 0 or args.keep_checkpoints < 1:
         fail("--checkpoint-interval must be 0 (off) or positive, and --keep-checkpoints at least 1")
+    task_settings(args.env_id, args.reset_params)
 
 
 def cpp_compiler():
@@ -392,8 +398,61 @@ class VideoRecorder(gym.Wrapper):
         super().close()
 
 
-def make_env(env_id, idx, capture_video, run_name, render_mode=None):
-    """A thunk that builds env idx; with capture_video, env 0 records its episodes to `videos/{run_name}`."""
+class TaskSettings(gym.Wrapper):
+    """Passes Memory Gym task settings to every reset: a vector env resets a finished episode without options, and
+    Memory Gym then goes back to its defaults."""
+
+    def __init__(self, env, settings):
+        super().__init__(env)
+        self.settings = settings
+
+    def reset(self, *, seed=None, options=None):
+        return self.env.reset(seed=seed, options={**self.settings, **(options or {})})
+
+
+def task_settings(env_id, reset_params):
+    """The task settings (dict) that the JSON object reset_params gives env_id, checked against the env's own
+    default_reset_parameters; {} without reset_params. Stops with one line when they do not fit the env."""
+    if reset_params is None:
+        return {}
+    try:
+        settings = json.loads(reset_params)
+    except json.JSONDecodeError as error:
+        settings = error
+    if not isinstance(settings, dict):
+        fail(f"--reset-params {reset_params} is not a JSON object: write it as '{{\"command_count\": [3]}}'")
+    entry_point = find_env_spec(env_id).entry_point
+    creator = gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    defaults = getattr(creator, "default_reset_parameters", None)
+    if not isinstance(defaults, dict):
+        fail(f"{env_id} takes no task settings (only Memory Gym envs do): drop --reset-params")
+    for key, value in settings.items():
+        if key not in defaults:
+            fail(f"--reset-params: {env_id} has no setting '{key}'; its settings are {', '.join(defaults)}")
+        if not fits_setting(value, defaults[key]):
+            fail(
+                f"--reset-params: {key} takes a value like {json.dumps(defaults[key])} (its default), not {json.dumps(value)}"
+            )
+    return settings
+
+
+def fits_setting(value, default):
+    """Whether value has the type of a task setting's default: a bool, an integer, a number, or a non-empty list of
+    such values."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, int):
+        return isinstance(value, int)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, list):
+        return isinstance(value, list) and len(value) > 0 and all(fits_setting(v, default[0]) for v in value)
+    return type(value) is type(default)
+
+
+def make_env(env_id, idx, capture_video, run_name, render_mode=None, settings=None):
+    """A thunk that builds env idx, reset with the task settings (dict, see task_settings) at every reset; with
+    capture_video, env 0 records its episodes to `videos/{run_name}`."""
 
     def thunk():
         mode = render_mode or (watch_render_mode(env_id) if capture_video and idx == 0 else None)
@@ -403,6 +462,8 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None):
             env = gym.wrappers.TimeLimit(env, 96)
         else:
             env = gym.make(env_id, render_mode=mode)
+        if settings:
+            env = TaskSettings(env, settings)
         if capture_video and idx == 0:
             env = VideoRecorder(env, f"videos/{run_name}")
         if is_minigrid_memory(env_id):  # outermost, so that the trainer reaches cue_in_view() without a lookup
@@ -453,9 +514,12 @@ def in_subprocess(thunk):
 def make_envs(args, run_name, seed, capture_video=False):
     """The vector env of args.num_envs envs, reset with seed, with what the model needs to know of it.
 
-    Returns envs, the first observations, the observation space, the action branches and the episode limit.
+    Returns envs, the first observations, the observation space, the action branches and the episode limit, which
+    Memory Gym sets in reset from the task settings (--reset-params).
     """
-    thunks = [make_env(args.env_id, i, capture_video, run_name) for i in range(args.num_envs)]
+    settings = task_settings(args.env_id, args.reset_params)
+    max_episode_steps = episode_limit_under(args.env_id, settings)
+    thunks = [make_env(args.env_id, i, capture_video, run_name, settings=settings) for i in range(args.num_envs)]
     if args.async_envs:
         envs = gym.vector.AsyncVectorEnv([in_subprocess(thunk) for thunk in thunks])
     else:
@@ -467,14 +531,22 @@ def make_envs(args, run_name, seed, capture_video=False):
     warnings.filterwarnings("ignore", message=".*to get variables from other wrappers is deprecated")
     envs = gym.wrappers.RecordEpisodeStatistics(envs)
     next_obs, _ = envs.reset(seed=seed)
-    if args.async_envs:  # env 0 lives in another process: a copy of it is read here, then closed
-        first_env = make_env(args.env_id, 0, False, run_name)()
-        first_env.reset(seed=seed)
-        max_episode_steps = episode_limit(first_env)
-        first_env.close()
-    else:  # not a copy: Memory Gym's close() quits pygame for every env of the process
-        max_episode_steps = episode_limit(envs.unwrapped.envs[0])
     return envs, next_obs, observation_space, action_space_shape, max_episode_steps
+
+
+def episode_limit_under(env_id, settings):
+    """The episode limit T of env_id under the task settings (dict). Memory Gym sets it in reset, where it also asserts
+    that the settings lie in their ranges: it is read from an env made, reset and closed here, before any other
+    (Memory Gym's close() would end the envs made before it)."""
+    env = make_env(env_id, 0, False, "", settings=settings)()
+    try:
+        env.reset(seed=0)
+    except AssertionError as error:
+        reason = str(error) or "a setting lies outside the range that the env allows"
+        fail(f"{env_id} rejects the task settings {json.dumps(settings)}: {reason} (see the env's default_reset_parameters)")
+    limit = episode_limit(env)
+    env.close()
+    return limit
 
 
 def episode_limit(env):
@@ -1314,7 +1386,9 @@ def linear_schedule(initial, final, anneal_steps, step):
     return initial + (final - initial) * min(step / anneal_steps, 1.0)
 
 
-def banner(args, observation_space, action_space_shape, device, num_parameters, run_name, checkpoint):
+def banner(
+    args, observation_space, action_space_shape, max_episode_steps, memory_length, device, num_parameters, run_name, checkpoint
+):
     """What the run is about to do, printed before its first iteration."""
     if len(action_space_shape) == 1:
         actions = f"Discrete({action_space_shape[0]})"
@@ -1324,9 +1398,18 @@ def banner(args, observation_space, action_space_shape, device, num_parameters, 
     iteration_steps = args.batch_size * world_size()
     ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
     total_steps = args.num_iterations * iteration_steps
-    lines = [
-        f"env {args.env_id} | observations {observation_space} | actions {actions}",
+    if memory_length == 1:
+        memory = "memory length 1: no memory, every step attends to nothing (the memoryless control)"
+    else:
+        memory = f"memory length {memory_length}: every step attends to up to {memory_length - 1} earlier steps of its episode"
+        if memory_length < args.trxl_memory_length:
+            memory += f" (--trxl-memory-length {args.trxl_memory_length} clipped to the episode limit {max_episode_steps})"
+    lines = [f"env {args.env_id} | observations {observation_space} | actions {actions}"]
+    if args.reset_params is not None:
+        lines.append(f"task settings {args.reset_params} | episode limit {max_episode_steps}")
+    lines += [
         f"device {device}{cpu_fallback} | model {num_parameters:,} parameters",
+        memory,
         f"{args.num_iterations:,} iterations x {iteration_steps:,} steps ({args.num_envs} envs x {args.num_steps} steps{ranks})"
         f" = {total_steps:,} steps | learning rate and entropy coefficient annealed over {args.anneal_steps:,} steps",
     ]
@@ -1405,7 +1488,15 @@ if __name__ == "__main__":
     if rank == 0:
         print(
             banner(
-                args, observation_space, action_space_shape, device, sum(p.numel() for p in parameters), run_name, checkpoint
+                args,
+                observation_space,
+                action_space_shape,
+                max_episode_steps,
+                memory_length,
+                device,
+                sum(p.numel() for p in parameters),
+                run_name,
+                checkpoint,
             ),
             flush=True,
         )

@@ -564,3 +564,45 @@ def test_biases_keep_the_default_initialisation():
         weight = layer.weight.flatten(1)
         gram = weight @ weight.T if weight.shape[0] <= weight.shape[1] else weight.T @ weight
         torch.testing.assert_close(gram, gram.diagonal().mean() * torch.eye(len(gram)), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("memory_length", [1, 2])
+def test_memory_length_one_is_the_memoryless_control(memory_length):
+    """With --trxl-memory-length 1 no step attends to anything: every step's policy and value are those that its
+    observation gets at an episode's first step, whatever came before. With 2 they are not (the check can fail)."""
+    torch.manual_seed(0)
+    args = ppo_trxl.Args(
+        env_id="ProofofMemory-v0",
+        num_envs=3,
+        num_steps=24,
+        num_minibatches=2,
+        trxl_dim=16,
+        trxl_num_layers=2,
+        trxl_num_heads=2,
+        trxl_memory_length=memory_length,
+    )
+    envs, next_obs, observation_space, action_space_shape, max_episode_steps = ppo_trxl.make_envs(args, "test", seed=3)
+    agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, "cpu")
+    state = torch.as_tensor(next_obs), torch.zeros(args.num_envs, dtype=torch.long)
+    for _ in range(2):
+        *state, _, _ = ppo_trxl.collect_rollout(agent, envs, rollout, *state)
+    envs.close()
+    timeline = rollout.timeline
+    whole_rollout = (torch.arange(args.num_envs).unsqueeze(1), torch.arange(args.num_steps).expand(args.num_envs, -1))
+    obs, actions = rollout.obs[whole_rollout], rollout.actions[whole_rollout]
+    with torch.no_grad():
+        log_probs, _, value, _, _ = ppo_trxl.evaluate(
+            agent, timeline, ppo_trxl.chunk_windows(timeline, whole_rollout), obs, actions
+        )
+        torch.testing.assert_close(log_probs, rollout.logprobs.flatten(0, 1), **TOLERANCE)
+        assert (timeline.steps > 0).any()
+        timeline.steps.zero_()  # every step an episode's first
+        first_log_probs, _, first_value, _, _ = ppo_trxl.evaluate(
+            agent, timeline, ppo_trxl.chunk_windows(timeline, whole_rollout), obs, actions
+        )
+    if memory_length == 1:
+        torch.testing.assert_close(first_log_probs, log_probs, **TOLERANCE)
+        torch.testing.assert_close(first_value, value, **TOLERANCE)
+    else:
+        assert not torch.allclose(first_value, value, **TOLERANCE)

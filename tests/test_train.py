@@ -303,6 +303,7 @@ def test_pom_banner_says_what_the_run_will_do(pom_run):
     assert banner == [
         "env ProofofMemory-v0 | observations Box(-1.0, 1.0, (3,), float32) | actions Discrete(2)",
         f"device cpu | model {banner[1].split('model ')[1].split(' ')[0]} parameters",
+        "memory length 8: every step attends to up to 7 earlier steps of its episode",
         "2 iterations x 64 steps (2 envs x 32 steps) = 128 steps | learning rate and entropy coefficient annealed over "
         "163,840,000 steps",
         f"run directory runs/{pom_run.run_dir.name} | to watch it: tensorboard --logdir runs",
@@ -436,6 +437,54 @@ def test_async_envs_run(train):
     videos = {video.name: video.stat().st_size for video in (run.cwd / "videos" / run.run_dir.name).iterdir()}
     assert "episode-0.mp4" in videos and all(size > 0 for size in videos.values()), videos
     assert not [name for name in videos if name.endswith(".part.mp4")], videos
+
+
+ONE_COMMAND = '{"command_count": [1]}'
+
+
+@pytest.fixture(scope="module")
+def one_command_run(train):
+    """MortarMayhem-Grid-v0 with one command: every episode lasts exactly 10 steps, whatever the agent does (the
+    command is shown for 4 steps, then checked after 6). Random play with the default settings averages 47."""
+    flags = tiny("MortarMayhem-Grid-v0", "save-model", reset_params=ONE_COMMAND, num_envs=4, num_steps=64, total_timesteps=256)
+    return train("one-command", flags + ["--checkpoint-interval", "1"])
+
+
+def test_task_settings_reach_every_reset(one_command_run):
+    """--reset-params reaches the automatic resets of the vector env, not only the first one: about 25 episodes, each
+    of 10 steps (with the default settings about a fifth of a random agent's episodes last longer)."""
+    run = one_command_run.check()
+    assert f"task settings {ONE_COMMAND} | episode limit 11" in run.stdout.splitlines()
+    assert "memory length 8: every step attends to up to 7 earlier steps of its episode" in run.stdout.splitlines()
+    assert run.scalars()["episode/l_mean"] == [(256, 10.0)]
+    assert run.checkpoint()["args"]["reset_params"] == ONE_COMMAND
+
+
+def test_resume_and_enjoy_keep_the_task_settings(one_command_run, train_env):
+    """A resumed run (here with its envs in subprocesses) and enjoy.py play the settings that the run was trained on;
+    enjoy.py's --reset-params overrides them."""
+    run_dir = one_command_run.check().run_dir
+    resumed = subprocess.run(
+        [sys.executable, str(SCRIPT), "--resume", str(run_dir), "--total-timesteps", "512", "--async-envs"],
+        cwd=one_command_run.cwd,
+        env=train_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"task settings {ONE_COMMAND} | episode limit 11" in resumed.stdout.splitlines()
+    assert one_command_run.scalars()["episode/l_mean"] == [(256, 10.0), (512, 10.0)]
+
+    def enjoy(*flags):
+        command = [sys.executable, str(ROOT / "enjoy.py"), "--name", str(run_dir), "--episodes", "3", "--no-render", *flags]
+        result = subprocess.run(command, env=train_env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return [int(length) for length in re.findall(r"^episode \d+/3: return \S+, length (\d+)$", result.stdout, re.M)]
+
+    assert enjoy() == [10, 10, 10]
+    three_commands = enjoy("--reset-params", '{"command_count": [3]}')
+    assert len(three_commands) == 3 and min(three_commands) >= 18, three_commands  # the first command is checked at 18
 
 
 @pytest.fixture(scope="module")
@@ -728,7 +777,7 @@ BAD_INPUTS = {
     "unknown-env": (tiny("NoSuchEnv-v0"), "unknown env id"),
     "missing-module": (tiny("no_such_module_for_ppo_trxl:Foo-v0"), "cannot import module"),
     "heads": (tiny("ProofofMemory-v0", trxl_dim=30, trxl_num_heads=4), "divisible"),
-    "memory-length": (tiny("ProofofMemory-v0", trxl_memory_length=1), "memory-length"),
+    "memory-length": (tiny("ProofofMemory-v0", trxl_memory_length=0), "--trxl-memory-length 0 is below 1"),
     "reconstruction-on-vectors": (tiny("ProofofMemory-v0", reconstruction_coef=0.1), "reconstruction-coef"),
     "minibatches": (tiny("ProofofMemory-v0", num_minibatches=3), "num-minibatches"),
     "less-than-a-batch": (tiny("ProofofMemory-v0", total_timesteps=63), "total-timesteps"),
@@ -736,6 +785,29 @@ BAD_INPUTS = {
     "gamma": (tiny("ProofofMemory-v0", gamma=1.5), "--gamma is 1.5: it must lie in [0, 1]"),
     "gae-lambda": (tiny("ProofofMemory-v0", gae_lambda=-0.1), "--gae-lambda is -0.1: it must lie in [0, 1]"),
     "discrete-observations": (tiny("FrozenLake-v1"), "observation space"),
+    "settings-not-json": (tiny("MortarMayhem-Grid-v0", reset_params="command_count=3"), "is not a JSON object"),
+    "settings-unknown-key": (
+        tiny("MortarMayhem-Grid-v0", reset_params='{"comand_count": [3]}'),
+        "MortarMayhem-Grid-v0 has no setting 'comand_count'; its settings are agent_scale, arena_size, allowed_commands, "
+        "command_count,",
+    ),
+    "settings-wrong-type": (
+        tiny("MortarMayhem-Grid-v0", reset_params='{"command_count": 3}'),
+        "command_count takes a value like [10] (its default), not 3",
+    ),
+    "settings-bool": (
+        tiny("MysteryPath-Grid-v0", reset_params='{"show_origin": 1}'),
+        "show_origin takes a value like false (its default), not 1",
+    ),
+    "settings-out-of-range": (
+        tiny("MortarMayhem-Grid-v0", reset_params='{"arena_size": 9}'),
+        'MortarMayhem-Grid-v0 rejects the task settings {"arena_size": 9}',
+    ),
+    "settings-for-minigrid": (
+        tiny("MiniGrid-MemoryS9-v0", reset_params='{"max_steps": 50}'),
+        "MiniGrid-MemoryS9-v0 takes no task settings (only Memory Gym envs do): drop --reset-params",
+    ),
+    "settings-for-pom": (tiny("ProofofMemory-v0", reset_params="{}"), "ProofofMemory-v0 takes no task settings"),
 }
 
 
