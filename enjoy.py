@@ -42,13 +42,17 @@ except ModuleNotFoundError as missing:
 from ppo_trxl import (
     POSITIONAL_ENCODINGS,
     Agent,
+    Timeline,
     VideoFile,
     action_branches,
+    band_mask,
     episode_limit,
     episode_limit_under,
     fail,
     is_memory_gym,
     make_env,
+    rollout_step,
+    state_dict_mismatch,
     task_settings,
     watch_render_mode,
 )
@@ -71,6 +75,8 @@ MODEL_ARGS = (
     "reconstruction_coef",
 )
 
+TIMELINE_STEPS = 256
+"""How many steps the player's timeline holds beside the C that it carries over."""
 PANEL_WIDTH = 320
 MARGIN = 10
 LINE = 18
@@ -216,87 +222,33 @@ def load_checkpoint(path, device):
     return checkpoint["model_weights"], args
 
 
-def state_dict_mismatch(expected, given):
-    """'' when the state_dict `given` fits the model's `expected`, else a short account of what differs."""
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
+class Player:
+    """The agent acting in one env as the trainer acts in its rollouts (ppo_trxl.rollout_step), on a timeline of
+    TIMELINE_STEPS steps that carries the last C over when it is full, so episodes of any length fit."""
 
-    def shape(value):
-        return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+    def __init__(self, agent, memory_dtype, device):
+        self.agent = agent
+        self.timeline = Timeline(1, TIMELINE_STEPS, agent.transformer, getattr(torch, memory_dtype), device)
+        self.s = TIMELINE_STEPS  # the timeline slot of the next step, C + s: it begins anew at the first step
 
-    reshaped = [
-        f"{key} {shape(given[key])} where the model has {shape(expected[key])}"
-        for key in expected
-        if key in given and shape(given[key]) != shape(expected[key])
-    ]
-    parts = [
-        f"{label} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape of", reshaped))
-        if keys
-    ]
-    return "; ".join(parts)
-
-
-class MemoryWindow:
-    """One env's memory window by the published rule, kept in a rolling buffer of M rows (any episode length fits).
-
-    At episode step t with memory length M the window's slots hold the cached layer inputs of the steps
-
-        t < M:   0     1   ...  t-1 | t  ...  M-1       (steps from t on are not played yet: zeros)
-        t >= M:  t-M+1     ...  t-1 | t
-                 attended           | not attended
-
-    Step s lives in row s % M; the current step's row is empty while the model runs, and push() fills it.
-    """
-
-    def __init__(self, memory_length, num_layers, dim, device):
-        self.memory_length = memory_length
-        self.rows = torch.zeros((memory_length, num_layers, dim), device=device)  # (M, L, D)
-        self.masks = torch.tril(torch.ones((memory_length, memory_length), device=device), diagonal=-1)  # row r: slots < r
-        self.t = 0
-
-    def reset(self):
-        self.rows.zero_()
-        self.t = 0
-
-    def view(self):
-        """memory (1, M, L, D), memory_mask (1, M) and memory_indices (1, M) at the current step."""
-        M = self.memory_length
-        memory_indices = torch.arange(M, device=self.rows.device) + max(self.t - M + 1, 0)  # (M,) episode steps
-        return self.rows[memory_indices % M][None], self.masks[min(self.t, M - 1)][None], memory_indices[None]
-
-    def push(self, new_memory):
-        """Caches the current step's layer inputs (L, D) and moves on; the next step's row drops step t + 1 - M."""
-        self.rows[self.t % self.memory_length] = new_memory
-        self.t += 1
-        self.rows[self.t % self.memory_length] = 0
-
-
-def attention_by_age(attention, memory_indices, memory_mask, t):
-    """Lays the attention of every layer over the window slots, (L, M), out by age: (L, M-1) for the steps
-    t-M+1 .. t-1, oldest first; NaN where the window holds no attended step (before the episode began)."""
-    M = attention.shape[-1]
-    by_age = torch.full((attention.shape[0], M - 1), float("nan"), device=attention.device)
-    attended = memory_mask > 0
-    by_age[:, (M - 1) - (t - memory_indices[attended])] = attention[:, attended]
-    return by_age
-
-
-@torch.inference_mode()
-def act(agent, obs, window, deterministic):
-    """The agent's step at window.t: obs (*obs_shape) -> action (branches,), value () and every layer's attention
-    by age, mean over heads (L, M-1)."""
-    memory, memory_mask, memory_indices = window.view()
-    trxl_out, new_memory, attention = agent.window_pass(obs[None], memory, memory_mask, memory_indices)
-    action = None
-    if deterministic:
-        hidden = agent.hidden_post_trxl(trxl_out)
-        action = torch.stack([branch(hidden).argmax(-1) for branch in agent.actor_branches], 1)
-    action, _, _, value, _ = agent.policy_and_value(trxl_out, action)
-    attention = torch.stack([weights[0].mean(0) for weights in attention])  # (L, M)
-    by_age = attention_by_age(attention, memory_indices[0], memory_mask[0], window.t)
-    window.push(new_memory[0])
-    return action[0], value[0], by_age
+    @torch.inference_mode()
+    def act(self, obs, t, deterministic):
+        """The agent's step at episode step t: obs (*obs_shape) -> action (branches,), value () and every layer's
+        attention over the C steps before this one (L, C), mean over heads, oldest first; NaN where it sees nothing."""
+        if self.s == TIMELINE_STEPS:
+            self.timeline.begin(self.agent.transformer)
+            self.s = 0
+        episode_steps = torch.tensor([t], device=obs.device)
+        step = rollout_step(self.agent, self.timeline, self.agent.encode(obs[None]), episode_steps, self.s, need_weights=True)
+        self.timeline.record(self.agent.transformer, self.s, episode_steps, step.layer_inputs)
+        self.s += 1
+        action = step.action
+        if deterministic:
+            hidden = self.agent.hidden_post_trxl(step.trxl_out)
+            action = torch.stack([branch(hidden).argmax(-1) for branch in self.agent.actor_branches], 1)
+        attention = torch.stack([weights[0, :, 0].mean(0) for weights in step.weights])  # (L, C)
+        seen = band_mask(self.timeline.window_ages, episode_steps, self.timeline.memory_length)  # (C,)
+        return action[0], step.value[0], torch.where(seen, attention, float("nan"))
 
 
 def panel_height(num_layers):
@@ -316,11 +268,13 @@ def action_names(env):
 
 
 def heat_strip(by_age, width):
-    """(STRIP_HEIGHT, width, 3) BGR: a layer's weights by age (M-1,) through a colour map on a square-root scale
+    """(STRIP_HEIGHT, width, 3) BGR: a layer's weights by age (C,) through a colour map on a square-root scale
     (weight 1 is the brightest, and small weights stay visible); grey where nothing is attended."""
+    if len(by_age) == 0:  # memory length 1: nothing to attend to
+        return np.full((STRIP_HEIGHT, width, 3), EMPTY_SLOT_COLOR, dtype=np.uint8)
     attended = ~np.isnan(by_age)
     scaled = np.round(255 * np.sqrt(np.where(attended, by_age, 0.0))).astype(np.uint8)
-    colors = cv2.applyColorMap(scaled[None], cv2.COLORMAP_INFERNO)  # (1, M-1, 3)
+    colors = cv2.applyColorMap(scaled[None], cv2.COLORMAP_INFERNO)  # (1, C, 3)
     colors[0, ~attended] = EMPTY_SLOT_COLOR
     interpolation = cv2.INTER_NEAREST if len(by_age) <= width else cv2.INTER_AREA
     return cv2.resize(colors, (width, STRIP_HEIGHT), interpolation=interpolation)
@@ -330,7 +284,7 @@ def draw_panel(height, header, step, episode_return, values, limit, decision=Non
     """The panel beside a frame, (height, PANEL_WIDTH, 3) BGR: the header's two lines (episode, env, file); a note
     that the frame is the env's ground truth; step and return; the value over the episode (x spans the episode limit,
     or the episode once it is longer); and the decision at this step, decision = (action as text, attention by age
-    (L, M-1) numpy): the action, and the attention of every layer. None once the episode is over."""
+    (L, C) numpy): the action, and the attention of every layer. None once the episode is over."""
     panel = np.full((height, PANEL_WIDTH, 3), 24, dtype=np.uint8)
     width = PANEL_WIDTH - 2 * MARGIN
 
@@ -400,22 +354,20 @@ class AnnotatedVideo:
         self.file.close()
 
 
-def play(agent, env, window, args, video, render_by_hand, env_id, file_name):
+def play(player, env, args, video, render_by_hand, env_id, file_name):
     """Plays args.episodes episodes (each up to args.max_steps), yielding each one's (return, length). With a video,
     every step's frame is written with the decision taken there, and each episode's last frame after it."""
-    device = next(agent.parameters()).device
+    device = next(player.agent.parameters()).device
     names = action_names(env)
     for episode in range(args.episodes):
         obs, _ = env.reset(seed=args.seed if episode == 0 else None)
         limit = min(episode_limit(env), args.max_steps or math.inf)
         header = [f"episode {episode + 1}/{args.episodes}   {env_id}", file_name[-48:]]
-        window.reset()
-        values, episode_return, done = [], 0.0, False
+        values, episode_return, t, done = [], 0.0, 0, False
         while not done:
             if render_by_hand:
                 env.render()
-            t = window.t
-            action, value, attention = act(agent, torch.as_tensor(obs, device=device), window, args.deterministic)
+            action, value, attention = player.act(torch.as_tensor(obs, device=device), t, args.deterministic)
             values.append(value.item())
             env_action = action.cpu().numpy().reshape(env.action_space.shape)[()]  # a scalar for Discrete
             if video:
@@ -424,12 +376,13 @@ def play(agent, env, window, args, video, render_by_hand, env_id, file_name):
                 video.write(env.render(), draw_panel(video.panel_height, header, t, episode_return, values, limit, decision))
             obs, reward, terminated, truncated, _ = env.step(env_action)
             episode_return += float(reward)
-            done = terminated or truncated or window.t == args.max_steps
+            t += 1
+            done = terminated or truncated or t == args.max_steps
         if render_by_hand:
             env.render()
         if video:
-            video.write(env.render(), draw_panel(video.panel_height, header, window.t, episode_return, values, limit))
-        yield episode_return, window.t
+            video.write(env.render(), draw_panel(video.panel_height, header, t, episode_return, values, limit))
+        yield episode_return, t
 
 
 def main(args):
@@ -467,7 +420,7 @@ def main(args):
     if mismatch:
         fail(f"the weights in '{path}' do not fit the model that its args describe: {mismatch}")
     agent.load_state_dict(weights)
-    window = MemoryWindow(train_args.trxl_memory_length, train_args.trxl_num_layers, train_args.trxl_dim, device)
+    player = Player(agent, getattr(train_args, "memory_dtype", "float32"), device)
     video = None
     if args.video:
         video = AnnotatedVideo(
@@ -482,7 +435,7 @@ def main(args):
         print("no display to show the episodes on: add --video agent.mp4 to watch them", flush=True)
     returns, lengths = [], []
     try:
-        for episode_return, length in play(agent, env, window, args, video, render_by_hand, train_args.env_id, path):
+        for episode_return, length in play(player, env, args, video, render_by_hand, train_args.env_id, path):
             returns.append(episode_return)
             lengths.append(length)
             print(f"episode {len(returns)}/{args.episodes}: return {episode_return:.3f}, length {length}", flush=True)

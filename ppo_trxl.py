@@ -32,7 +32,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, NamedTuple, Optional
 
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
@@ -583,8 +583,26 @@ def layer_init(layer, std=np.sqrt(2)):
     return layer
 
 
+def reach(episode_steps, memory_length):
+    """The window rule, and its one home: a step at episode step t attends to the cached steps of its own episode
+    that lie 1 .. w steps before it, where w = min(t, memory_length - 1) is its reach. The published window of
+    memory_length slots holds the step itself, which is never attended. At t = 0 a step attends to nothing and gets
+    a fresh window's value instead (Transformer.fresh_values). Acting and the update (band_mask), the steps that the
+    timeline carries over (context_length), a minibatch's windows (chunk_windows), the fresh window, the attention
+    statistics, enjoy.py and the tests all derive from it.
+
+    episode_steps (...) int -> (...) int
+    """
+    return episode_steps.clamp(max=memory_length - 1)
+
+
+def context_length(memory_length):
+    """C, the reach of a step far into its episode: the most steps that any step attends to."""
+    return int(reach(torch.tensor(memory_length), memory_length))
+
+
 def band_mask(ages, episode_steps, memory_length):
-    """Which slots each query may attend: the same episode's last w = min(t, memory_length - 1) steps.
+    """Which slots each query may attend by the window rule: the w = reach(t) slots just before it.
 
     ages (..., P): how many timeline slots each slot lies before its query; episode_steps (...): the queries'
     episode steps t -> allowed (..., P) bool. A query at timeline slot p sees the slots [p - w, p - 1], the
@@ -592,18 +610,14 @@ def band_mask(ages, episode_steps, memory_length):
 
         slot   . . . p-w . . . p-1  p  . . .
         seen         x  x  x  x     -
-
-    At t = 0 (w = 0) it sees no slot. The published model then attends uniformly over a fresh episode's window,
-    whose slots hold zero memory: such a query gets that window's mean value (Transformer.fresh_values).
     """
-    width = episode_steps.clamp(max=memory_length - 1).unsqueeze(-1)
-    return (ages >= 1) & (ages <= width)
+    return (ages >= 1) & (ages <= reach(episode_steps, memory_length).unsqueeze(-1))
 
 
-def attention_mask(allowed):
-    """allowed (N, S, P) bool -> the additive mask (N, 1, S, P): 0 where a slot may be attended, -1e20 where not.
-    A query that may attend no slot then attends uniformly over all P, as the published model does (never NaN)."""
-    return torch.where(allowed, 0.0, -1e20).unsqueeze(1)
+def window_ages(num_slots, num_queries, device):
+    """(Q, P): how many slots each of a window's P slots lies before each of its last Q slots, the queries'."""
+    positions = torch.arange(num_slots, device=device)
+    return positions[num_slots - num_queries :].unsqueeze(-1) - positions
 
 
 class PositionalEncoding(nn.Module):
@@ -619,6 +633,16 @@ class PositionalEncoding(nn.Module):
         # steps (...) int -> (..., dim)
         angles = (self.max_episode_steps - 1 - steps).float().unsqueeze(-1) * self.inv_freqs
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
+class LayerMemory(NamedTuple):
+    """What one layer attends to: the keys and values (N, H, P, h) of its P memory slots, and fresh (D,), the value
+    that a query which may attend no slot gets (Transformer.fresh_values). Without fresh such a query attends
+    uniformly over the P slots, as the published model does."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    fresh: Optional[torch.Tensor] = None
 
 
 class MultiHeadAttention(nn.Module):
@@ -643,28 +667,27 @@ class MultiHeadAttention(nn.Module):
         """slots (N, P, D) the normalised memory -> keys, values (N, H, P, h)"""
         return self.per_head(slots, self.keys), self.per_head(slots, self.values)
 
-    def forward(self, query, keys, values, mask, fresh=None, need_weights=False):
-        """query (N, S, D) normalised; keys, values (N, H, P, h); mask (N, 1, S, P) from attention_mask.
-        fresh: None, or the queries that may attend no slot (N, S, 1) bool and the value (D,) that they get instead
-        (Transformer.fresh_values); without it they attend uniformly over all P, as in the published model.
+    def forward(self, query, memory, allowed, need_weights=False):
+        """query (N, S, D) normalised; memory: the LayerMemory of P slots; allowed (N, S, P) bool (band_mask).
+        A query that may attend no slot gets memory.fresh; without it, it attends uniformly over all P slots, as the
+        published model does (a mask fill of -1e20, not -inf: never NaN).
         Returns the output (N, S, D), and with need_weights the attention weights (N, H, S, P), else None."""
         queries = self.per_head(query, self.queries)  # (N, H, S, h)
+        mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)  # (N, 1, S, P)
         if need_weights:
-            weights = torch.softmax(queries @ keys.mT * self.scale + mask, dim=-1)
-            attended = weights @ values
+            weights = torch.softmax(queries @ memory.keys.mT * self.scale + mask, dim=-1)
+            attended = weights @ memory.values
         else:  # the same in one fused operation
             weights = None
-            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=self.scale)
+            attended = F.scaled_dot_product_attention(queries, memory.keys, memory.values, attn_mask=mask, scale=self.scale)
         attended = attended.transpose(1, 2).flatten(-2)  # (N, H, S, h) -> (N, S, D)
-        if fresh is not None:
-            starts, fresh_value = fresh
-            attended = torch.where(starts, fresh_value, attended)
+        if memory.fresh is not None:
+            attended = torch.where(allowed.any(-1, keepdim=True), attended, memory.fresh)
         return self.fc_out(attended), weights
 
 
 class TransformerLayer(nn.Module):
-    """A pre-layer-norm block. It attends to its own input cached at earlier steps: keys and values are the
-    attention's maps of norm_kv(memory + position)."""
+    """A pre-layer-norm block. It attends to its own inputs cached at earlier steps (Transformer.memory)."""
 
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -674,17 +697,31 @@ class TransformerLayer(nn.Module):
         self.layer_norm_attn = nn.LayerNorm(dim)
         self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
 
-    def forward(self, x, keys, values, mask, fresh=None, need_weights=False):
-        attended, weights = self.attention(self.layer_norm_q(x), keys, values, mask, fresh, need_weights)
+    def forward(self, x, memory, allowed, need_weights=False):
+        attended, weights = self.attention(self.layer_norm_q(x), memory, allowed, need_weights)
         x = x + attended
         return x + self.fc_projection(self.layer_norm_attn(x)), weights
 
 
+class TransformerOutput(NamedTuple):
+    out: torch.Tensor
+    """(N, S, D) the last layer's output"""
+    layer_inputs: torch.Tensor
+    """(N, S, L, D) every layer's input, which later steps attend to"""
+    weights: list
+    """every layer's attention weights [(N, H, S, P)] * L, or [None] * L"""
+
+
 class Transformer(nn.Module):
-    def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding):
+    """L layers that attend to their own inputs at earlier steps of the episode, within memory_length (clipped to
+    the episode limit T, which sizes the positional encoding)."""
+
+    def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding, memory_length):
         super().__init__()
         self.dim = dim
         self.max_episode_steps = max_episode_steps
+        self.memory_length = min(memory_length, max_episode_steps)
+        self.context = context_length(self.memory_length)
         self.positional_encoding = encoding_of(positional_encoding)
         if self.positional_encoding == "absolute":
             self.pos_embedding = PositionalEncoding(dim, max_episode_steps)
@@ -698,57 +735,94 @@ class Transformer(nn.Module):
             return self.pos_embedding(steps)
         return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
 
-    def keys_and_values(self, memory, steps):
-        """memory (N, P, L, D) the layer inputs cached at episode steps (N, P) -> every layer's keys and values,
-        [(N, H, P, h)] * L each: the layer's maps of norm_kv(memory + position)."""
-        memory = memory.float()
+    def memory(self, slots, steps, fresh=None):
+        """What every layer attends to, [LayerMemory] * L, given slots (N, P, L, D), the layers' inputs cached at the
+        episode steps (N, P): each layer's keys and values are its attention's maps of norm_kv(slot + position).
+        fresh: every layer's value for a query that may attend no slot ([(D,)] * L, fresh_values), or None."""
+        slots = slots.float()
         if self.positional_encoding:
-            memory = memory + self.positions(steps).unsqueeze(-2)
-        keys, values = [], []
-        for layer, layer_memory in zip(self.transformer_layers, memory.unbind(-2)):
-            layer_keys, layer_values = layer.attention.keys_and_values(layer.norm_kv(layer_memory))
-            keys.append(layer_keys)
-            values.append(layer_values)
-        return keys, values
+            slots = slots + self.positions(steps).unsqueeze(-2)
+        memory = []
+        fresh = fresh or [None] * len(self.transformer_layers)
+        for layer, layer_slots, layer_fresh in zip(self.transformer_layers, slots.unbind(-2), fresh):
+            keys, values = layer.attention.keys_and_values(layer.norm_kv(layer_slots))
+            memory.append(LayerMemory(keys, values, layer_fresh))
+        return memory
 
-    def fresh_values(self, memory_length, device):
+    def fresh_values(self):
         """What every layer's attention gives a query at an episode's first step, [(D,)] * L: the published model
-        attends uniformly over a fresh episode's window, memory_length slots of zero memory at the steps
-        0 .. memory_length - 1, so the query gets the value of their mean slot (the maps are linear)."""
-        fresh = torch.zeros((memory_length, self.dim), device=device)
+        attends uniformly over a fresh episode's window, the C + 1 slots of zero memory at the steps 0 .. C (C =
+        context), so the query gets the value of their mean slot (the maps are linear)."""
+        steps = torch.arange(self.context + 1, device=self.transformer_layers[0].norm_kv.weight.device)
+        fresh = torch.zeros((len(steps), self.dim), device=steps.device)
         if self.positional_encoding:
-            fresh = fresh + self.positions(torch.arange(memory_length, device=device))
+            fresh = fresh + self.positions(steps)
         return [
             layer.attention.per_head(layer.norm_kv(fresh).mean(0)[None, None], layer.attention.values).flatten()
             for layer in self.transformer_layers
         ]
 
-    def forward(self, x, keys, values, allowed, fresh_values=None, need_weights=False):
-        """x (N, S, D) the encoded observations; keys, values: every layer's (keys_and_values); allowed (N, S, P) bool.
-        With fresh_values (see fresh_values), a query that may attend no slot (t = 0, band_mask) gets them.
-
-        Returns the output (N, S, D), every layer's input (N, S, L, D), which later steps attend to, and every
-        layer's attention weights [(N, H, S, P)] * L with need_weights, else [None] * L.
-        """
-        mask = attention_mask(allowed)
-        if fresh_values is None:
-            fresh = [None] * len(keys)
-        else:
-            starts = ~allowed.any(-1, keepdim=True)  # (N, S, 1)
-            fresh = [(starts, value) for value in fresh_values]
+    def forward(self, x, memory, allowed, need_weights=False):
+        """x (N, S, D) the encoded observations; memory: every layer's LayerMemory of P slots; allowed (N, S, P)
+        bool (band_mask). Returns the TransformerOutput."""
         layer_inputs, weights = [], []
-        for layer, layer_keys, layer_values, layer_fresh in zip(self.transformer_layers, keys, values, fresh):
+        for layer, layer_memory in zip(self.transformer_layers, memory):
             layer_inputs.append(x.detach())
-            x, layer_weights = layer(x, layer_keys, layer_values, mask, layer_fresh, need_weights)
+            x, layer_weights = layer(x, layer_memory, allowed, need_weights)
             weights.append(layer_weights)
-        return x, torch.stack(layer_inputs, dim=-2), weights
+        return TransformerOutput(x, torch.stack(layer_inputs, dim=-2), weights)
+
+
+class Policy(NamedTuple):
+    action: torch.Tensor
+    """(B, branches) the given or sampled action"""
+    log_probs: torch.Tensor
+    """(B, branches) its log-probability in every branch"""
+    entropy: torch.Tensor
+    """(B,) summed over the branches"""
+    value: torch.Tensor
+    """(B,)"""
+    hidden: torch.Tensor
+    """(B, D) the features after hidden_post_trxl, which the heads read"""
+
+
+class Chunks(NamedTuple):
+    """What the update evaluates: G chunks of Q consecutive rollout steps, each with the R slots before it that its
+    bands reach (chunk_windows)."""
+
+    images: torch.Tensor
+    """(G*Q, *obs_shape) the steps' observations, or with image_index the distinct ones (U, *obs_shape)"""
+    image_index: Optional[torch.Tensor]
+    """(G*Q,) the distinct image of every step (distinct_images), or None"""
+    actions: torch.Tensor
+    """(G, Q, branches)"""
+    slots: torch.Tensor
+    """(G, R+Q, L, D) the layers' inputs cached at the windows' slots"""
+    steps: torch.Tensor
+    """(G, R+Q) the episode steps of the windows' slots"""
+
+
+class Evaluation(NamedTuple):
+    """The update's pass over its G*Q steps (Agent.forward)."""
+
+    log_probs: torch.Tensor
+    """(G*Q, branches) of the steps' actions"""
+    entropy: torch.Tensor
+    """(G*Q,)"""
+    value: torch.Tensor
+    """(G*Q,)"""
+    hidden: torch.Tensor
+    """(G*Q, D) the features after hidden_post_trxl"""
+    trxl_out: torch.Tensor
+    """(G*Q, D) the transformer's output"""
+    weights: list
+    """every layer's attention weights [(G, H, Q, R+Q)] * L, or [None] * L"""
 
 
 class Agent(nn.Module):
     def __init__(self, args, observation_space, action_space_shape, max_episode_steps):
         super().__init__()
         self.obs_shape = observation_space.shape
-        self.max_episode_steps = max_episode_steps
         self.transformer_dim = dim = args.trxl_dim
         self.encoder_dtype = getattr(torch, getattr(args, "encoder_dtype", "float32"))  # published args lack it
         if len(self.obs_shape) > 1:
@@ -766,7 +840,12 @@ class Agent(nn.Module):
         else:
             self.encoder = layer_init(nn.Linear(self.obs_shape[0], dim))
         self.transformer = Transformer(
-            args.trxl_num_layers, dim, args.trxl_num_heads, max_episode_steps, args.trxl_positional_encoding
+            args.trxl_num_layers,
+            dim,
+            args.trxl_num_heads,
+            max_episode_steps,
+            args.trxl_positional_encoding,
+            args.trxl_memory_length,
         )
         self.hidden_post_trxl = nn.Sequential(layer_init(nn.Linear(dim, dim)), nn.ReLU())
         self.actor_branches = nn.ModuleList([layer_init(nn.Linear(dim, n), std=0.1) for n in action_space_shape])
@@ -797,10 +876,8 @@ class Agent(nn.Module):
             return self.encoder(obs).float()
 
     def policy_and_value(self, trxl_out, action=None):
-        """trxl_out (B, D) -> action (B, branches), log-probs (B, branches), entropy (B,), value (B,), hidden (B, D).
-
-        One categorical distribution per action branch; the entropy is summed over branches.
-        """
+        """trxl_out (B, D) -> the Policy: one categorical distribution per action branch, from which action (B,
+        branches) is drawn unless given; the entropy is summed over branches."""
         hidden = self.hidden_post_trxl(trxl_out)
         branch_log_probs = [branch(hidden).log_softmax(-1) for branch in self.actor_branches]  # [(B, n_k)]
         if action is None:
@@ -809,7 +886,7 @@ class Agent(nn.Module):
             [lp.gather(1, a.unsqueeze(1)).squeeze(1) for lp, a in zip(branch_log_probs, action.unbind(1))], 1
         )
         entropy = -sum((lp.exp() * lp).sum(-1) for lp in branch_log_probs)
-        return action, log_probs, entropy, self.critic(hidden).flatten(), hidden
+        return Policy(action, log_probs, entropy, self.critic(hidden).flatten(), hidden)
 
     def reconstruct_observation(self, hidden=None):
         """hidden (B, D) post-TrXL features -> (B, 84, 84, 3) float32 in [0, 1]. Without hidden, as published analysis
@@ -823,71 +900,67 @@ class Agent(nn.Module):
         """The published interface's transformer pass over explicit windows.
 
         x (B, *obs_shape); memory (B, M, L, D): the window's cached layer inputs; memory_mask (B, M): which
-        slots may be attended; memory_indices (B, M): the episode step of every slot.
+        slots may be attended; memory_indices (B, M): the episode step of every slot. A step that may attend no slot
+        attends uniformly over its window, as published.
         Returns the transformer output (B, D), the new memory (B, L, D) and every layer's attention
         weights over the window [(B, H, M)] * L.
         """
-        keys, values = self.transformer.keys_and_values(memory, memory_indices)
+        layers_memory = self.transformer.memory(memory, memory_indices)
         allowed = memory_mask.bool().unsqueeze(1)  # (B, 1, M)
-        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), keys, values, allowed, need_weights=True)
+        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), layers_memory, allowed, need_weights=True)
         return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
 
     def get_value(self, x, memory, memory_mask, memory_indices):
-        return self.policy_and_value(self.window_pass(x, memory, memory_mask, memory_indices)[0])[3]
+        return self.policy_and_value(self.window_pass(x, memory, memory_mask, memory_indices)[0]).value
 
     def get_action_and_value(self, x, memory, memory_mask, memory_indices, action=None):
         out, new_memory, _ = self.window_pass(x, memory, memory_mask, memory_indices)
-        action, log_probs, entropy, value, self.last_hidden = self.policy_and_value(out, action)
-        return action, log_probs, entropy, value, new_memory
+        policy = self.policy_and_value(out, action)
+        self.last_hidden = policy.hidden
+        return policy.action, policy.log_probs, policy.entropy, policy.value, new_memory
 
-    def forward(self, images, image_index, actions, window, steps, memory_length, need_weights=False):
-        """The update's pass over G chunks of Q consecutive steps, each with the C slots before it that its bands
-        reach (at most memory_length - 1, see chunk_windows): images (G*Q, *obs_shape) the steps' observations, or
-        with image_index (G*Q,) the distinct ones (U, *obs_shape) that it points each step to (see distinct_images);
-        actions (G, Q, branches), window the slots' cached layer inputs (G, C+Q, L, D) and steps their episode steps
-        (G, C+Q). Every step attends to its band inside its chunk's window:
+    def forward(self, chunks, need_weights=False):
+        """The update's pass over Chunks of consecutive rollout steps, called through the update's wrappers of the
+        agent (DistributedDataParallel, torch.compile). Every step attends to its band in its chunk's window:
 
-            slots    [0 ........ C) [C ........ C+Q)
-            step C+i        [band]   ^ the step's own slot
+            slots    [0 ........ R) [R ........ R+Q)
+            step R+i        [band]   ^ the step's own slot
 
-        Returns log-probs (G*Q, branches), entropy (G*Q,), value (G*Q,), hidden features (G*Q, D), and with
-        need_weights every layer's attention weights [(G, H, Q, C+Q)] * L (else [None] * L).
+        Returns the Evaluation, with every layer's attention weights if need_weights.
         """
-        num_slots = steps.shape[1]
-        context = num_slots - actions.shape[1]
-        keys, values = self.transformer.keys_and_values(window, steps)
-        episode_steps = steps[:, context:]  # (G, Q)
-        positions = torch.arange(num_slots, device=steps.device)  # the chunk's steps sit at slots C .. C+Q-1
-        ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
-        allowed = band_mask(ages, episode_steps, memory_length)  # (G, Q, C+Q)
-        x = self.encode(images)  # (U, D)
-        if image_index is not None:  # each step's features as a product with its one-hot row (G*Q, U): the backward
+        num_queries = chunks.actions.shape[1]  # Q
+        transformer = self.transformer
+        memory = transformer.memory(chunks.slots, chunks.steps, transformer.fresh_values())
+        ages = window_ages(chunks.steps.shape[1], num_queries, chunks.steps.device)  # (Q, R+Q)
+        allowed = band_mask(ages, chunks.steps[:, -num_queries:], transformer.memory_length)  # (G, Q, R+Q)
+        x = self.encode(chunks.images)  # (U, D)
+        if chunks.image_index is not None:  # each step's features as a product with its one-hot row (G*Q, U): the backward
             # then sums a repeated image's gradients in a fixed order, where index_select's atomics on a GPU would not
-            x = F.one_hot(image_index, len(x)).to(x.dtype) @ x
-        x = x.view(*episode_steps.shape, self.transformer_dim)
-        out, _, weights = self.transformer(
-            x, keys, values, allowed, self.transformer.fresh_values(memory_length, steps.device), need_weights
-        )
-        _, log_probs, entropy, value, hidden = self.policy_and_value(out.flatten(0, 1), actions.flatten(0, 1))
-        return log_probs, entropy, value, hidden, weights
+            x = F.one_hot(chunks.image_index, len(x)).to(x.dtype) @ x
+        x = x.view(-1, num_queries, self.transformer_dim)  # (G, Q, D)
+        out, _, weights = transformer(x, memory, allowed, need_weights)
+        trxl_out = out.flatten(0, 1)
+        policy = self.policy_and_value(trxl_out, chunks.actions.flatten(0, 1))
+        return Evaluation(policy.log_probs, policy.entropy, policy.value, policy.hidden, trxl_out, weights)
 
 
 class Timeline:
     """Every env's recent stream of steps: the cached layer inputs that later steps attend to, and their keys and
     values under the rollout's parameters (a key/value cache, as in language-model inference).
 
-    Slots [0, C) hold the last C = memory_length - 1 steps of the previous rollout (all that a band can
-    reach back), slots [C, C + num_steps) this rollout's steps:
+    Slots [0, C) hold the last C steps of the previous rollout (C = context_length: all that a step reaches back),
+    slots [C, C + num_steps) this rollout's steps:
 
         slot   0 ......... C-1 | C ............... C+num_steps-1
                previous rollout | this rollout: step s at slot C + s
     """
 
-    def __init__(self, num_envs, num_steps, memory_length, num_layers, dim, num_heads, dtype, device, cue_in_view=False):
-        self.context = memory_length - 1
-        self.memory_length = memory_length
-        # (C,): how many slots each slot of a rollout step's window lies before the step (band_mask's ages)
-        self.window_ages = torch.arange(self.context, 0, -1, device=device)
+    def __init__(self, num_envs, num_steps, transformer, dtype, device, cue_in_view=False):
+        self.memory_length, self.context = transformer.memory_length, transformer.context
+        num_layers, dim = len(transformer.transformer_layers), transformer.dim
+        num_heads = transformer.transformer_layers[0].attention.num_heads
+        # (C,): how many slots each of the C slots before a rollout step lies before it (band_mask's ages)
+        self.window_ages = window_ages(self.context + 1, 1, device)[0, :-1]
         slots = self.context + num_steps
         self.memory = torch.zeros((num_envs, slots, num_layers, dim), dtype=dtype, device=device)  # (E, C+S, L, D)
         self.steps = torch.zeros((num_envs, slots), dtype=torch.long, device=device)  # (E, C+S) episode steps
@@ -909,30 +982,36 @@ class Timeline:
                 self.cue_in_view[:, : self.context] = self.cue_in_view[:, -self.context :].clone()
         self.cache(transformer, slice(0, self.context))
         with torch.inference_mode():
-            self.fresh_values = transformer.fresh_values(self.memory_length, self.memory.device)  # [(D,)] * L
+            self.fresh_values = transformer.fresh_values()  # [(D,)] * L
 
-    def record(self, transformer, s, layer_inputs):
-        """Caches rollout step s: every layer's input (E, L, D), and its keys and values."""
+    def window(self, s):
+        """What rollout step s attends to: every layer's LayerMemory of the C slots before slot C + s."""
+        window = slice(s, s + self.context)
+        return [
+            LayerMemory(keys[:, :, window], values[:, :, window], fresh)
+            for keys, values, fresh in zip(self.keys, self.values, self.fresh_values)
+        ]
+
+    def record(self, transformer, s, episode_steps, layer_inputs):
+        """Caches rollout step s at episode steps (E,): every layer's input (E, L, D), and its keys and values."""
+        self.steps[:, self.context + s] = episode_steps
         self.memory[:, self.context + s] = layer_inputs
         self.cache(transformer, slice(self.context + s, self.context + s + 1))
 
     @torch.inference_mode()
     def cache(self, transformer, slots):
-        """Caches the keys and values of slots (a slice) under transformer's parameters (keys_and_values)."""
-        keys, values = transformer.keys_and_values(self.memory[:, slots], self.steps[:, slots])
-        self.keys[:, :, :, slots] = torch.stack(keys)
-        self.values[:, :, :, slots] = torch.stack(values)
+        """Caches the keys and values of slots (a slice) under transformer's parameters."""
+        for layer, layer_memory in enumerate(transformer.memory(self.memory[:, slots], self.steps[:, slots])):
+            self.keys[layer, :, :, slots] = layer_memory.keys
+            self.values[layer, :, :, slots] = layer_memory.values
 
 
 class RolloutEncoder:
-    """The encoder while acting. Its parameters stay fixed for the whole rollout, so with remember_images an image
-    seen before in the rollout keeps the features it got then and is not encoded again: on MiniGrid-MemoryS9 about
-    98% of a rollout's images were seen before in it, on MortarMayhem-Grid about 86% (an agent that waits or walks
-    into a wall, a cue shown for several steps, a room that several envs show alike). Images are keyed by
-    image_hashes and compared in full with the one seen under their hash. MiniGrid-MemoryS9's documented config
-    trains at 1,395 steps/s with it, 1,181 without, on a 2-core CPU (MortarMayhem-Grid, 8 envs x 128 steps: 759
-    and 722; benchmark/README.md). On a GPU, where each comparison would wait for the device, every image is
-    encoded."""
+    """The encoder while acting, the same as `agent.encode(obs)`. Its parameters stay fixed for the whole rollout, so
+    with remember_images an image seen before in the rollout keeps the features it got then and is not encoded
+    again (an agent that waits or walks into a wall, a cue shown for several steps, a room that several envs show
+    alike). Images are keyed by image_hashes and compared in full with the one seen under their hash. On a GPU,
+    where each comparison would wait for the device, every image is encoded."""
 
     def __init__(self, agent, remember_images):
         self.agent = agent
@@ -953,17 +1032,32 @@ class RolloutEncoder:
         return torch.stack([features for _, features in entries])  # (E, D)
 
 
+class Step(NamedTuple):
+    """The policy at one step of every env (rollout_step)."""
+
+    action: torch.Tensor
+    """(E, branches) sampled"""
+    log_probs: torch.Tensor
+    """(E, branches)"""
+    value: torch.Tensor
+    """(E,)"""
+    layer_inputs: torch.Tensor
+    """(E, L, D) every layer's input, to cache at the step's slot"""
+    trxl_out: torch.Tensor
+    """(E, D) the transformer's output"""
+    weights: list
+    """every layer's attention weights over the C slots before the step [(E, H, 1, C)] * L, or [None] * L"""
+
+
 @torch.inference_mode()
-def rollout_step(agent, timeline, features, episode_steps, s):
-    """The policy at rollout step s for all envs, given their observations' features (E, D): each env attends to
-    its band just before slot C + s, from the timeline's key/value cache. Returns action, log-probs, value, and
-    every layer's input (E, L, D) to cache at slot C + s."""
-    window = slice(s, s + timeline.context)  # the query sits at slot C + s
+def rollout_step(agent, timeline, features, episode_steps, s, need_weights=False):
+    """The policy at rollout step s for all envs, given their observations' features (E, D) at episode steps (E,):
+    each env attends to its band just before slot C + s, from the timeline's key/value cache. Returns the Step."""
     allowed = band_mask(timeline.window_ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
-    keys, values = timeline.keys[:, :, :, window], timeline.values[:, :, :, window]  # (L, E, H, C, h)
-    out, layer_inputs, _ = agent.transformer(features.unsqueeze(1), keys, values, allowed, timeline.fresh_values)
-    action, log_probs, _, value, _ = agent.policy_and_value(out.squeeze(1))
-    return action, log_probs, value, layer_inputs.squeeze(1)
+    out, layer_inputs, weights = agent.transformer(features.unsqueeze(1), timeline.window(s), allowed, need_weights)
+    trxl_out = out.squeeze(1)
+    policy = agent.policy_and_value(trxl_out)
+    return Step(policy.action, policy.log_probs, policy.value, layer_inputs.squeeze(1), trxl_out, weights)
 
 
 def compiled_rollout_step():
@@ -975,7 +1069,7 @@ def compiled_rollout_step():
 class Rollout:
     """One rollout's samples, env-major (E, S, ...), and the timeline of cached memory that they attend to."""
 
-    def __init__(self, args, observation_space, num_branches, memory_length, device, cue_in_view=False):
+    def __init__(self, args, observation_space, num_branches, transformer, device, cue_in_view=False):
         E, S = args.num_envs, args.num_steps
         obs_dtype = torch.uint8 if observation_space.dtype == np.uint8 else torch.float32
         self.obs = torch.zeros((E, S) + observation_space.shape, dtype=obs_dtype, device=device)
@@ -983,10 +1077,7 @@ class Rollout:
         self.logprobs = torch.zeros((E, S, num_branches), device=device)
         self.rewards = torch.zeros((E, S), device=device)
         self.values = torch.zeros((E, S), device=device)
-        memory_dtype = getattr(torch, args.memory_dtype)
-        self.timeline = Timeline(
-            E, S, memory_length, args.trxl_num_layers, args.trxl_dim, args.trxl_num_heads, memory_dtype, device, cue_in_view
-        )
+        self.timeline = Timeline(E, S, transformer, getattr(torch, args.memory_dtype), device, cue_in_view)
 
     def advantages(self, next_value, next_episode_steps, gamma, gae_lambda):
         """The GAE advantages (E, S) of this rollout, bootstrapped with next_value (E,) of the observations that
@@ -1009,17 +1100,17 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
     finished_episodes = []
     for s in range(rollout.obs.shape[1]):
         rollout.obs[:, s] = next_obs
-        timeline.steps[:, context + s] = next_episode_steps
         if timeline.cue_in_view is not None:
             in_view = torch.as_tensor(cue_in_view(envs), device=device)
             timeline.cue_in_view[:, context + s] = in_view
             timeline.cue_seen |= in_view
-        features = encode(rollout.obs[:, s])
-        action, logprob, value, layer_inputs = policy_step(agent, timeline, features, next_episode_steps, s)
-        rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = action, logprob, value
-        timeline.record(agent.transformer, s, layer_inputs)
+        step = policy_step(agent, timeline, encode(rollout.obs[:, s]), next_episode_steps, s)
+        rollout.actions[:, s], rollout.logprobs[:, s], rollout.values[:, s] = step.action, step.log_probs, step.value
+        timeline.record(agent.transformer, s, next_episode_steps, step.layer_inputs)
 
-        next_obs, reward, terminations, truncations, infos = envs.step(action.cpu().numpy().reshape(envs.action_space.shape))
+        next_obs, reward, terminations, truncations, infos = envs.step(
+            step.action.cpu().numpy().reshape(envs.action_space.shape)
+        )
         rollout.rewards[:, s] = torch.as_tensor(reward, dtype=torch.float32, device=device)
         next_obs = torch.as_tensor(next_obs, device=device)
         done = np.logical_or(terminations, truncations)
@@ -1035,14 +1126,15 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
             timeline.cue_seen &= ~next_done
 
     # The bootstrap value follows the same band rule as every rollout step
-    _, _, next_value, _ = policy_step(agent, timeline, encode(next_obs), next_episode_steps, rollout.obs.shape[1])
+    next_value = policy_step(agent, timeline, encode(next_obs), next_episode_steps, rollout.obs.shape[1]).value
     return next_obs, next_episode_steps, next_value, finished_episodes
 
 
 def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
     """Generalized advantage estimation. rewards, values, dones (E, S); next_value, next_done (E,).
 
-    dones[:, s] marks that obs s begins a new episode (the step before it ended one).
+    dones[:, s] marks that obs s begins a new episode (the step before it ended one): a time limit ends an episode
+    too, as published, so nothing is bootstrapped past it.
     Returns advantages (E, S).
     """
     # whether the episode goes on after each step, and the value of the obs that follows it: (E, S)
@@ -1083,12 +1175,11 @@ def distinct_images(images):
     """images (N, 84, 84, 3) uint8 -> the distinct images (U, 84, 84, 3) and each image's index among them (N,);
     images and None where all N differ.
 
-    The encoder maps each image on its own, so an image that repeats another need not be encoded again: its
-    features, and in the backward pass its gradient, are those of the one image. On the memory tasks many repeat:
-    an agent that waits or walks into a wall, a cue shown for several steps, a room that several envs show alike.
-    Images are grouped by their hash, then compared in full with their group's first image: where two images
-    share a hash but differ, all N are returned as they are. An update of MiniGrid-MemoryS9's documented config takes
-    0.68 s instead of 2.6 s, MortarMayhem-Grid's 0.47 s instead of 0.85 s (benchmark/README.md)."""
+    Encoding the distinct images and giving each image its own one's features is the same as encoding all N: the
+    encoder maps each image on its own, and in the backward pass a repeated image's gradients add up. On the memory
+    tasks many images repeat (an agent that waits or walks into a wall, a cue shown for several steps, a room that
+    several envs show alike). Images are grouped by their hash, then compared in full with their group's first
+    image: where two images share a hash but differ, all N are returned as they are."""
     hashes, index = torch.unique(image_hashes(images), return_inverse=True)  # (U,), (N,)
     if len(hashes) == len(images):
         return images, None
@@ -1102,60 +1193,48 @@ def distinct_images(images):
 
 def chunk_windows(timeline, chunks):
     """The timeline slots that chunks = (env rows (G, 1), steps (G, Q)) of consecutive rollout steps attend to:
-    (env rows (G, 1), slots (G, R+Q)), from R slots before each chunk's first step to its last step. A step at
-    episode step t reaches back min(t, C) slots, and the later steps of its chunk reach no further back, so R, at most
-    C, is the most that the chunks' first steps reach: no band reaches the slots before, and they are left out.
-    While episodes are shorter than the memory this spares the update most of the windows' keys and values: on a
-    2-core CPU MortarMayhem-Grid-v0 (8 envs x 128 steps, 4 minibatches) trained at 777 steps/s against 700 with
-    whole windows (+11%), the default Endless-MortarMayhem-v0 config at 506 against 453 (+12%) in 2.4 GiB resident
-    instead of 3.2 (benchmark/README.md)."""
+    (env rows (G, 1), slots (G, R+Q)), from R slots before each chunk's first step to its last step. A chunk's
+    first step reaches back furthest (reach), so R, the most that the chunks' first steps reach, is at most C; the
+    same as windows of the C slots before every chunk, whose slots before the R are masked for every query."""
     rows, steps = chunks
     first = timeline.context + steps[:, :1]  # (G, 1): each chunk's first step's slot
-    reach = int(timeline.steps[rows, first].clamp(max=timeline.context).max())
-    return rows, first - reach + torch.arange(reach + steps.shape[1], device=steps.device)
+    reach_back = int(reach(timeline.steps[rows, first], timeline.memory_length).max())  # R
+    return rows, first - reach_back + torch.arange(reach_back + steps.shape[1], device=steps.device)
 
 
-def evaluate(agent, timeline, windows, obs, actions, need_weights=False):
-    """The update's pass over chunks of consecutive rollout steps (Agent.forward), given their windows (chunk_windows).
+def evaluate(learner, timeline, windows, obs, actions, need_weights=False):
+    """The update's pass (Agent.forward) over chunks of consecutive rollout steps, given their windows (chunk_windows).
     obs (G, Q, *obs_shape), actions (G, Q, branches); images are encoded once each (distinct_images), vectors, which
-    one product encodes, as they are. agent may be wrapped (DistributedDataParallel, torch.compile)."""
-    window = timeline.memory[windows]  # (G, C+Q, L, D)
+    one product encodes, as they are. learner is the agent or its wrapper (DistributedDataParallel, torch.compile).
+    Returns the Evaluation."""
     images, image_index = obs.flatten(0, 1), None
     if obs.dtype == torch.uint8:
         images, image_index = distinct_images(images)
-    steps = timeline.steps[windows]  # (G, C+Q)
-    return agent(images, image_index, actions, window, steps, timeline.memory_length, need_weights)
+    return learner(Chunks(images, image_index, actions, timeline.memory[windows], timeline.steps[windows]), need_weights)
 
 
 def attention_summary(weights, timeline, windows):
     """What the steps of a minibatch's chunks attended to, from the update's attention weights over their windows
-    (chunk_windows) [(G, H, Q, C+Q)] * L. Returns (L, 3): each layer's mean age of the attended slots (in steps
-    before the query), the entropy of its attention (nats; log w for w slots attended alike), and the attention on
-    the slots whose observation showed the cue (0 without a cue_in_view record), each averaged over the heads and
-    over the steps that may attend some slot (t >= 1)."""
-    num_slots = windows[1].shape[1]
-    context = num_slots - weights[0].shape[2]
-    positions = torch.arange(num_slots, device=windows[1].device)
-    ages = positions[context:].unsqueeze(-1) - positions  # (Q, C+Q)
-    attending = (timeline.steps[windows][:, context:] > 0).unsqueeze(1)  # (G, 1, Q)
-    if timeline.cue_in_view is None:
-        cue = torch.zeros(windows[1].shape, device=ages.device)
-    else:
-        cue = timeline.cue_in_view[windows].float()  # (G, C+Q)
-    summary = []
-    for layer_weights in weights:  # (G, H, Q, C+Q)
-        per_query = torch.stack(
-            [
-                (layer_weights * ages).sum(-1),
-                torch.special.entr(layer_weights).sum(-1),
-                (layer_weights * cue[:, None, None, :]).sum(-1),
-            ],
-            dim=-1,
-        )  # (G, H, Q, 3)
-        summary.append(
-            (per_query * attending.unsqueeze(-1)).sum((0, 1, 2)) / (attending.sum().clamp(min=1) * layer_weights.shape[1])
-        )
-    return torch.stack(summary)
+    (chunk_windows) [(G, H, Q, R+Q)] * L, by name: each layer's mean age of the attended slots (in steps before the
+    query), the entropy of its attention (nats; log w for w slots attended alike), and on MiniGrid Memory the
+    attention on the slots whose observation showed the cue (cue_in_view), each averaged over the heads and over the
+    steps that may attend some slot (t >= 1)."""
+    rows, slots = windows
+    num_queries = weights[0].shape[2]
+    ages = window_ages(slots.shape[1], num_queries, slots.device)  # (Q, R+Q)
+    attending = reach(timeline.steps[rows, slots[:, -num_queries:]], timeline.memory_length) > 0  # (G, Q)
+    count = attending.sum().clamp(min=1) * weights[0].shape[1]
+    summary = {}
+    for layer, layer_weights in enumerate(weights):  # (G, H, Q, R+Q)
+        per_query = {
+            "mean_age": (layer_weights * ages).sum(-1),
+            "entropy": torch.special.entr(layer_weights).sum(-1),
+        }
+        if timeline.cue_in_view is not None:
+            per_query["cue_weight"] = (layer_weights * timeline.cue_in_view[windows][:, None, None, :]).sum(-1)
+        for name, values in per_query.items():  # (G, H, Q)
+            summary[f"attention/layer{layer}_{name}"] = (values * attending.unsqueeze(1)).sum() / count
+    return summary
 
 
 def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns, need_attention=False):
@@ -1164,39 +1243,51 @@ def ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns, n
     the entropy bonus and the optional loss of agent's observation reconstruction (binary cross-entropy against the
     observation / 255), as published. advantages, returns (E, S).
 
-    Returns the loss, its parts pg_loss, v_loss, entropy_loss and r_loss, the log-ratio and ratio (E*Q, branches),
-    and with need_attention the attention_summary (L, 3) of the minibatch (else None)."""
+    Returns the loss and its metrics by name, as the trainer logs them: its parts, how far the update moved the
+    policy, and with need_attention what the steps attended to (attention_summary)."""
     mb_obs = rollout.obs[mb]  # (E, Q, *obs_shape)
     windows = chunk_windows(rollout.timeline, mb)
-    newlogprob, entropy, newvalue, hidden, weights = evaluate(
-        learner, rollout.timeline, windows, mb_obs, rollout.actions[mb], need_attention
-    )
+    evaluation = evaluate(learner, rollout.timeline, windows, mb_obs, rollout.actions[mb], need_attention)
     mb_logprobs = rollout.logprobs[mb].flatten(0, 1)  # (E*Q, branches)
     mb_advantages, mb_returns, mb_values = advantages[mb].flatten(), returns[mb].flatten(), rollout.values[mb].flatten()
     if args.norm_adv:
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
     mb_advantages = mb_advantages.unsqueeze(1)  # the same advantage for every action branch
 
-    logratio = newlogprob - mb_logprobs
+    logratio = evaluation.log_probs - mb_logprobs
     ratio = logratio.exp()
     pg_loss1 = -mb_advantages * ratio
     pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
     pg_loss = torch.max(pg_loss1, pg_loss2).mean()
 
+    newvalue = evaluation.value
     if args.clip_vloss:  # no factor 1/2, as published: --vf-coef weighs the squared error itself
         v_loss_unclipped = (newvalue - mb_returns) ** 2
         v_clipped = mb_values + torch.clamp(newvalue - mb_values, -args.clip_coef, args.clip_coef)
         v_loss = torch.max(v_loss_unclipped, (v_clipped - mb_returns) ** 2).mean()
     else:
         v_loss = ((newvalue - mb_returns) ** 2).mean()
-    entropy_loss = entropy.mean()
+    entropy_loss = evaluation.entropy.mean()
     loss = pg_loss - ent_coef * entropy_loss + v_loss * args.vf_coef
     r_loss = torch.zeros((), device=loss.device)
     if args.reconstruction_coef > 0.0:
-        r_loss = F.binary_cross_entropy(agent.reconstruct_observation(hidden), mb_obs.flatten(0, 1).float() / 255.0)
+        r_loss = F.binary_cross_entropy(agent.reconstruct_observation(evaluation.hidden), mb_obs.flatten(0, 1).float() / 255.0)
         loss = loss + args.reconstruction_coef * r_loss
-    attention = attention_summary([w.detach() for w in weights], rollout.timeline, windows) if need_attention else None
-    return loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio, attention
+
+    with torch.no_grad():
+        metrics = {
+            "losses/policy_loss": pg_loss,
+            "losses/value_loss": v_loss,
+            "losses/entropy": entropy_loss,
+            "losses/reconstruction_loss": r_loss,
+            "losses/loss": loss,
+            "losses/old_approx_kl": (-logratio).mean(),
+            "losses/approx_kl": ((ratio - 1) - logratio).mean(),
+            "losses/clipfrac": ((ratio - 1.0).abs() > args.clip_coef).float().mean(),
+        }
+        if need_attention:
+            metrics.update(attention_summary(evaluation.weights, rollout.timeline, windows))
+    return loss, {name: value.detach() for name, value in metrics.items()}
 
 
 def save_atomically(obj, path):
@@ -1243,20 +1334,37 @@ def parse_args():
     flags = {field.name for field in dataclasses.fields(Args) if field.init}
     defaults = Args(**{**{name: value for name, value in checkpoint["args"].items() if name in flags}, "resume": path})
     args = cli(defaults)
-    for name in ("env_id", "trxl_dim", "trxl_num_layers", "trxl_num_heads"):
-        if getattr(args, name) != checkpoint["args"][name]:
-            fail(
-                f"--{name.replace('_', '-')} {getattr(args, name)} differs from the checkpoint's {checkpoint['args'][name]}: resume with the same env and model"
-            )
+    if args.env_id != checkpoint["args"]["env_id"]:
+        fail(
+            f"--env-id {args.env_id} differs from the checkpoint's {checkpoint['args']['env_id']}: a run goes on with its env"
+        )
     if checkpoint["global_step"] != checkpoint["iteration"] * args.batch_size * world_size():
         fail(
             f"the checkpoint took {checkpoint['global_step'] // checkpoint['iteration']} steps an iteration: resume with the "
             "same --num-envs x --num-steps (x torchrun ranks) so that the run ends at its --total-timesteps"
         )
-    same_encoding = encoding_of(args.trxl_positional_encoding) == encoding_of(checkpoint["args"]["trxl_positional_encoding"])
-    if not same_encoding or (args.reconstruction_coef > 0) != (checkpoint["args"]["reconstruction_coef"] > 0):
-        fail("the positional encoding or the reconstruction head differs from the checkpoint's: resume with the same model")
     return args, {**checkpoint, "path": path}
+
+
+def state_dict_mismatch(expected, given):
+    """'' when the state_dict `given` fits the model's `expected`, else a short account of what differs."""
+    missing = [key for key in expected if key not in given]
+    unexpected = [key for key in given if key not in expected]
+
+    def shape(value):
+        return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+
+    reshaped = [
+        f"{key} {shape(given[key])} where the model has {shape(expected[key])}"
+        for key in expected
+        if key in given and shape(given[key]) != shape(expected[key])
+    ]
+    parts = [
+        f"{label} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape of", reshaped))
+        if keys
+    ]
+    return "; ".join(parts)
 
 
 def save_checkpoint(run_name, keep, **state):
@@ -1386,9 +1494,7 @@ def linear_schedule(initial, final, anneal_steps, step):
     return initial + (final - initial) * min(step / anneal_steps, 1.0)
 
 
-def banner(
-    args, observation_space, action_space_shape, max_episode_steps, memory_length, device, num_parameters, run_name, checkpoint
-):
+def banner(args, observation_space, action_space_shape, agent, device, run_name, checkpoint):
     """What the run is about to do, printed before its first iteration."""
     if len(action_space_shape) == 1:
         actions = f"Discrete({action_space_shape[0]})"
@@ -1398,17 +1504,21 @@ def banner(
     iteration_steps = args.batch_size * world_size()
     ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
     total_steps = args.num_iterations * iteration_steps
-    if memory_length == 1:
-        memory = "memory length 1: no memory, every step attends to nothing (the memoryless control)"
-    else:
-        memory = f"memory length {memory_length}: every step attends to up to {memory_length - 1} earlier steps of its episode"
-        if memory_length < args.trxl_memory_length:
-            memory += f" (--trxl-memory-length {args.trxl_memory_length} clipped to the episode limit {max_episode_steps})"
+    transformer = agent.transformer
+    memory = f"memory length {transformer.memory_length}: every step attends to up to {transformer.context} earlier steps of its episode"
+    if transformer.context == 0:
+        memory = (
+            f"memory length {transformer.memory_length}: no memory, every step attends to nothing (the memoryless control)"
+        )
+    if transformer.memory_length < args.trxl_memory_length:
+        memory += (
+            f" (--trxl-memory-length {args.trxl_memory_length} clipped to the episode limit {transformer.max_episode_steps})"
+        )
     lines = [f"env {args.env_id} | observations {observation_space} | actions {actions}"]
     if args.reset_params is not None:
-        lines.append(f"task settings {args.reset_params} | episode limit {max_episode_steps}")
+        lines.append(f"task settings {args.reset_params} | episode limit {transformer.max_episode_steps}")
     lines += [
-        f"device {device}{cpu_fallback} | model {num_parameters:,} parameters",
+        f"device {device}{cpu_fallback} | model {sum(p.numel() for p in agent.parameters()):,} parameters",
         memory,
         f"{args.num_iterations:,} iterations x {iteration_steps:,} steps ({args.num_envs} envs x {args.num_steps} steps{ranks})"
         f" = {total_steps:,} steps | learning rate and entropy coefficient annealed over {args.anneal_steps:,} steps",
@@ -1456,14 +1566,24 @@ if __name__ == "__main__":
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = make_envs(
         args, run_name, args.seed + global_step + rank * args.num_envs, capture_video=args.capture_video and rank == 0
     )
-    memory_length = min(args.trxl_memory_length, max_episode_steps)
-    if checkpoint and memory_length != checkpoint["args"]["trxl_memory_length"]:
-        fail(f"memory length {memory_length} differs from the checkpoint's {checkpoint['args']['trxl_memory_length']}")
-    saved_args = {**vars(args), "trxl_memory_length": memory_length}
-
     agent = Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
+    memory_length = agent.transformer.memory_length
     if checkpoint:
+        if memory_length != checkpoint["args"]["trxl_memory_length"]:
+            fail(f"memory length {memory_length} differs from the checkpoint's {checkpoint['args']['trxl_memory_length']}")
+        mismatch = state_dict_mismatch(agent.state_dict(), checkpoint["model_weights"])
+        if mismatch:
+            differing = [
+                f"--{name.replace('_', '-')} {value} (the checkpoint's {checkpoint['args'].get(name)})"
+                for name, value in vars(args).items()
+                if name != "resume" and value != checkpoint["args"].get(name)
+            ]
+            fail(
+                f"this model does not fit the checkpoint's ({mismatch}): resume with the flags that built it; "
+                f"the flags that differ: {', '.join(differing) or 'none'}"
+            )
         agent.load_state_dict(checkpoint["model_weights"])
+    saved_args = {**vars(args), "trxl_memory_length": memory_length}
     parameters = list(agent.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, fused=True)
     if checkpoint:
@@ -1484,22 +1604,11 @@ if __name__ == "__main__":
     policy_step = rollout_step
     if args.compile:  # compiled at their first calls, the rollout step once more when its step index changes
         learner, policy_step = torch.compile(learner), compiled_rollout_step()
-    rollout = Rollout(args, observation_space, len(action_space_shape), memory_length, device, is_minigrid_memory(args.env_id))
+    rollout = Rollout(
+        args, observation_space, len(action_space_shape), agent.transformer, device, is_minigrid_memory(args.env_id)
+    )
     if rank == 0:
-        print(
-            banner(
-                args,
-                observation_space,
-                action_space_shape,
-                max_episode_steps,
-                memory_length,
-                device,
-                sum(p.numel() for p in parameters),
-                run_name,
-                checkpoint,
-            ),
-            flush=True,
-        )
+        print(banner(args, observation_space, action_space_shape, agent, device, run_name, checkpoint), flush=True)
 
     # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
     wandb_id = checkpoint.get("wandb_id") if checkpoint else None
@@ -1548,53 +1657,28 @@ if __name__ == "__main__":
 
         # Update: every minibatch holds a chunk of every env's steps, drawn at random
         # (the first epoch also summarises the attention over the whole rollout, see attention_summary)
-        stats, attention_summaries = [], []
+        metrics = {}  # name -> the minibatches' values
         for epoch in range(args.update_epochs):
             for mb in minibatches(args.num_envs, args.num_steps, args.num_minibatches, device):
-                loss, pg_loss, v_loss, entropy_loss, r_loss, logratio, ratio, mb_attention = ppo_loss(
-                    args, ent_coef, learner, agent, rollout, mb, advantages, returns, need_attention=epoch == 0
-                )
-                if mb_attention is not None:
-                    attention_summaries.append(mb_attention)
+                loss, mb_metrics = ppo_loss(args, ent_coef, learner, agent, rollout, mb, advantages, returns, epoch == 0)
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
-
-                with torch.no_grad():
-                    old_approx_kl = (-logratio).mean()
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
-                stats.append(torch.stack([pg_loss, v_loss, entropy_loss, r_loss, loss, old_approx_kl, approx_kl, clipfrac]))
-            if args.target_kl is not None and mean_over_ranks(approx_kl.detach().clone()).item() > args.target_kl:
+                for name, value in mb_metrics.items():
+                    metrics.setdefault(name, []).append(value)
+            if args.target_kl is not None and mean_over_ranks(mb_metrics["losses/approx_kl"].clone()).item() > args.target_kl:
                 break
 
-        # Logging: the host reads the iteration's numbers once, here, averaged over ranks
+        # Logging: the host reads the iteration's numbers once, here, averaged over minibatches and ranks
         with torch.no_grad():
             y_pred, y_true = rollout.values.flatten(), returns.flatten()
-            explained_var = 1 - (y_true - y_pred).var() / y_true.var()
-            iteration_stats = torch.cat(
-                [
-                    torch.stack(stats).mean(0),
-                    torch.stack([advantages.mean(), y_pred.mean(), explained_var]),
-                    torch.stack(attention_summaries).mean(0).flatten(),  # (L * 3,)
-                ]
-            )
-        (
-            pg_loss,
-            v_loss,
-            entropy_loss,
-            r_loss,
-            loss,
-            old_approx_kl,
-            approx_kl,
-            clipfrac,
-            advantage_mean,
-            value_mean,
-            explained_var,
-            *attention,
-        ) = mean_over_ranks(iteration_stats).tolist()
-        if not (math.isfinite(loss) and all(p.isfinite().all() for p in parameters)):
+            metrics = {name: torch.stack(values).mean() for name, values in metrics.items()}
+            metrics["episode/advantage_mean"] = advantages.mean()
+            metrics["episode/value_mean"] = y_pred.mean()
+            metrics["losses/explained_variance"] = 1 - (y_true - y_pred).var() / y_true.var()
+            scalars = dict(zip(metrics, mean_over_ranks(torch.stack(list(metrics.values()))).tolist()))
+        if not (math.isfinite(scalars["losses/loss"]) and all(p.isfinite().all() for p in parameters)):
             envs.close()
             if rank == 0:
                 writer.close()  # the earlier iterations' logs
@@ -1608,28 +1692,7 @@ if __name__ == "__main__":
         stopping = next((name for name in signals if name), None)
         if rank == 0:
             sps = int((global_step - start_step) / (time.time() - start_time))
-            scalars = {
-                "episode/advantage_mean": advantage_mean,
-                "episode/value_mean": value_mean,
-                "charts/SPS": sps,
-                "charts/learning_rate": learning_rate,
-                "charts/entropy_coefficient": ent_coef,
-                "losses/value_loss": v_loss,
-                "losses/policy_loss": pg_loss,
-                "losses/entropy": entropy_loss,
-                "losses/reconstruction_loss": r_loss,
-                "losses/loss": loss,
-                "losses/old_approx_kl": old_approx_kl,
-                "losses/approx_kl": approx_kl,
-                "losses/clipfrac": clipfrac,
-                "losses/explained_variance": explained_var,
-            }
-            for layer in range(len(attention) // 3):
-                mean_age, entropy, cue_weight = attention[3 * layer : 3 * layer + 3]
-                scalars[f"attention/layer{layer}_mean_age"] = mean_age
-                scalars[f"attention/layer{layer}_entropy"] = entropy
-                if rollout.timeline.cue_in_view is not None:
-                    scalars[f"attention/layer{layer}_cue_weight"] = cue_weight
+            scalars.update({"charts/SPS": sps, "charts/learning_rate": learning_rate, "charts/entropy_coefficient": ent_coef})
             if episode_infos:
                 r_mean, l_mean, t_mean, *cue_seen = (float(np.mean(column)) for column in zip(*episode_infos))
                 scalars.update({"episode/r_mean": r_mean, "episode/l_mean": l_mean, "episode/t_mean": t_mean})

@@ -60,7 +60,7 @@ def print_rows(rows):
 
 def env_facts(args):
     """Observation space, action branches and episode limit T of args.env_id, read from one reset env."""
-    env = ppo_trxl.make_env(args.env_id, 0, False, "memory")()
+    env = ppo_trxl.make_env(args.env_id, 0, False, "memory", settings=ppo_trxl.task_settings(args.env_id, args.reset_params))()
     env.reset(seed=args.seed)
     observation_space, branches, limit = (
         env.observation_space,
@@ -127,7 +127,8 @@ def main():
     ppo_trxl.check_args(args)
     torch.manual_seed(args.seed)
     observation_space, branches, limit = env_facts(args)
-    memory_length = min(args.trxl_memory_length, limit)
+    agent = ppo_trxl.Agent(args, observation_space, branches, limit)
+    memory_length = agent.transformer.memory_length
     E, S, L, D = args.num_envs, args.num_steps, args.trxl_num_layers, args.trxl_dim
     print(
         f"{args.env_id}: obs {observation_space.shape} {observation_space.dtype}, action branches {branches}, "
@@ -136,7 +137,7 @@ def main():
     )
 
     print("\nRollout buffers (ppo_trxl.Rollout)")
-    rollout = ppo_trxl.Rollout(args, observation_space, len(branches), memory_length, torch.device("meta"))
+    rollout = ppo_trxl.Rollout(args, observation_space, len(branches), agent.transformer, torch.device("meta"))
     rows = [(name, tensor, tensor_bytes(tensor)) for name, tensor in vars(rollout).items() if torch.is_tensor(tensor)]
     rows += [
         (f"timeline.{name}", tensor, tensor_bytes(tensor))
@@ -145,7 +146,6 @@ def main():
     ]
     print_rows(rows)
 
-    agent = ppo_trxl.Agent(args, observation_space, branches, limit)
     parameter_bytes = sum(tensor_bytes(parameter) for parameter in agent.parameters())
     print(f"\nModel ({sum(parameter.numel() for parameter in agent.parameters()):,} parameters)")
     print_rows(
@@ -177,7 +177,7 @@ def main():
     mb = next(ppo_trxl.minibatches(E, S, args.num_minibatches, torch.device("cpu")))
     queries = mb[1].shape[1]
     memory_dtype = getattr(torch, args.memory_dtype)
-    timeline = ppo_trxl.Timeline(E, S, memory_length, L, D, args.trxl_num_heads, memory_dtype, "cpu")
+    timeline = ppo_trxl.Timeline(E, S, agent.transformer, memory_dtype, "cpu")
     timeline.memory.copy_(torch.randn(timeline.memory.shape))
     timeline.steps.copy_(limit + torch.arange(timeline.steps.shape[1]))
     if rollout.obs.dtype == torch.uint8:
@@ -187,23 +187,17 @@ def main():
     actions = torch.stack([torch.randint(0, n, (E, queries)) for n in branches], dim=-1)
 
     attention = {}
-    agent.transformer.register_forward_pre_hook(
-        lambda _, inputs: attention.update(keys=inputs[1], values=inputs[2], allowed=inputs[3])
-    )
-    agent.transformer.transformer_layers[0].attention.register_forward_hook(
-        lambda _, inputs, outputs: attention.update(mask=inputs[3])
-    )
+    agent.transformer.register_forward_pre_hook(lambda _, inputs: attention.update(memory=inputs[1], allowed=inputs[2]))
     saved = SavedTensors(agent)
     forward_backward = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            log_probs, entropy, value, hidden, _ = ppo_trxl.evaluate(
-                agent, timeline, ppo_trxl.chunk_windows(timeline, mb), obs, actions
-            )
-            loss = log_probs.sum() + entropy.sum() + value.sum()
+            evaluation = ppo_trxl.evaluate(agent, timeline, ppo_trxl.chunk_windows(timeline, mb), obs, actions)
+            loss = evaluation.log_probs.sum() + evaluation.entropy.sum() + evaluation.value.sum()
             if args.reconstruction_coef > 0:
                 target = obs.flatten(0, 1).float() / 255.0
-                loss = loss + torch.nn.functional.binary_cross_entropy(agent.reconstruct_observation(hidden), target)
+                reconstruction = agent.reconstruct_observation(evaluation.hidden)
+                loss = loss + torch.nn.functional.binary_cross_entropy(reconstruction, target)
         loss.backward()
     forward_backward = time.perf_counter() - forward_backward
 
@@ -213,11 +207,12 @@ def main():
     )
     rows = [
         (f"{name}, layer {i}", tensor, tensor_bytes(tensor))
-        for i, layer_keys_and_values in enumerate(zip(attention["keys"], attention["values"]))  # [(G, H, C+Q, h)] * L
-        for name, tensor in zip(("keys", "values"), layer_keys_and_values)
+        for i, layer_memory in enumerate(attention["memory"])  # keys and values (G, H, R+Q, h) of every layer
+        for name, tensor in (("keys", layer_memory.keys), ("values", layer_memory.values))
     ]
-    rows += [("band (allowed)", attention["allowed"], tensor_bytes(attention["allowed"]))]
-    rows += [("mask (all layers)", attention["mask"], tensor_bytes(attention["mask"]))]
+    allowed = attention["allowed"]
+    rows += [("band (allowed)", allowed, tensor_bytes(allowed))]
+    rows += [("mask (each layer)", f"{tuple(allowed.shape)} float32", 4 * allowed.numel())]
     print("  attention inputs (each layer's attention weights, kept for the backward pass, are among the saved activations)")
     print_rows(rows)
     print("  saved activations (autograd's saved tensors, once per storage, without parameters)")

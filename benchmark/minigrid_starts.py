@@ -25,21 +25,21 @@ import enjoy  # noqa: E402
 import ppo_trxl  # noqa: E402
 
 
-def play_from_starts(agent, env, window, episodes, seed, deterministic):
+def play_from_starts(player, env, episodes, seed, deterministic):
     """{(start x, cue seen): [(won, length, return)]} over episodes episodes, the first reset with seed."""
     outcomes = defaultdict(list)
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed if episode == 0 else None)
         start_x = int(env.unwrapped.agent_pos[0])
-        window.reset()
-        seen, done, episode_return = env.cue_in_view(), False, 0.0
+        seen, t, done, episode_return = env.cue_in_view(), 0, False, 0.0
         while not done:
-            action, _, _ = enjoy.act(agent, torch.as_tensor(obs), window, deterministic)
+            action, _, _ = player.act(torch.as_tensor(obs), t, deterministic)
             obs, reward, terminated, truncated, _ = env.step(int(action[0]))
             episode_return += float(reward)
             seen = seen or env.cue_in_view()
+            t += 1
             done = terminated or truncated
-        outcomes[start_x, seen].append((episode_return > 0, window.t, episode_return))
+        outcomes[start_x, seen].append((episode_return > 0, t, episode_return))
     return outcomes
 
 
@@ -78,8 +78,8 @@ def main():
     action_space_shape = ppo_trxl.action_branches(env.action_space)
     agent = ppo_trxl.Agent(train_args, env.observation_space, action_space_shape, ppo_trxl.episode_limit(env))
     agent.load_state_dict(weights)
-    window = enjoy.MemoryWindow(train_args.trxl_memory_length, train_args.trxl_num_layers, train_args.trxl_dim, "cpu")
-    outcomes = play_from_starts(agent, env, window, args.episodes, args.seed, args.deterministic)
+    player = enjoy.Player(agent, getattr(train_args, "memory_dtype", "float32"), torch.device("cpu"))
+    outcomes = play_from_starts(player, env, args.episodes, args.seed, args.deterministic)
     env.close()
     print(f"{train_args.env_id} | {path} | {'deterministic' if args.deterministic else 'sampled'} actions\n")
     print(table(outcomes))

@@ -112,7 +112,7 @@ def instrument(agent, envs, rollout, clock):
     agent.transformer.forward = clock.timed("transformer", agent.transformer.forward)
     agent.policy_and_value = clock.timed("heads", agent.policy_and_value)
     rollout.timeline.cache = clock.timed("caching keys and values", rollout.timeline.cache)
-    encode, keys_and_values = agent.encode, agent.transformer.keys_and_values
+    encode, memory = agent.encode, agent.transformer.memory
 
     def timed_encode(obs):
         with clock.timing("encoder" if clock.phase == "rollout" else "encoder forward"):
@@ -122,14 +122,15 @@ def instrument(agent, envs, rollout, clock):
             clock.encoded.append(len(obs))
         return encoded
 
-    def marked_keys_and_values(*args):
-        keys, values = keys_and_values(*args)
-        if keys[0].requires_grad:  # in the update
-            for tensor in keys + values:
-                clock.mark(tensor, "before encoding")
-        return keys, values
+    def marked_memory(*args):
+        layers = memory(*args)
+        if layers[0].keys.requires_grad:  # in the update
+            for layer in layers:
+                clock.mark(layer.keys, "before encoding")
+                clock.mark(layer.values, "before encoding")
+        return layers
 
-    agent.encode, agent.transformer.keys_and_values = timed_encode, marked_keys_and_values
+    agent.encode, agent.transformer.memory = timed_encode, marked_memory
 
 
 def main():
@@ -155,7 +156,7 @@ def main():
     agent = ppo_trxl.Agent(args, observation_space, branches, limit).to(device)
     parameters = list(agent.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, fused=True)
-    rollout = ppo_trxl.Rollout(args, observation_space, len(branches), min(args.trxl_memory_length, limit), device)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(branches), agent.transformer, device)
     clock = Clock(device)
     instrument(agent, envs, rollout, clock)
     state = torch.as_tensor(next_obs, device=device), torch.zeros(args.num_envs, dtype=torch.long, device=device)

@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import enjoy  # noqa: E402
-from ppo_trxl import Agent, make_env  # noqa: E402
+from ppo_trxl import Agent, context_length, make_env  # noqa: E402
 
 TINY = (
     "--num-envs 2 --num-steps 32 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 --trxl-num-heads 2 "
@@ -297,32 +297,34 @@ def test_errors_are_one_line(error_runs, case):
     assert ERRORS[case][1] in lines[0]
 
 
-def test_rolling_window_follows_the_published_rule(trained):
-    """enjoy's rolling window of M rows against the rule spelled out with the whole episode's memory kept:
-    at step t the slots are the steps [0..M-1] while t < M, [t-M+1..t] after; slots of steps < t are attended."""
+def test_player_acts_as_the_published_model_given_the_windows_of_the_rule(trained, monkeypatch):
+    """enjoy's Player acts on the trainer's timeline (rollout_step), which begins anew every TIMELINE_STEPS steps and
+    carries the last C over. Its values and attention equal the published interface's, given the windows that the
+    window rule spells out with the whole episode's memory kept: at step t the C + 1 slots [0..C] while t <= C,
+    [t-C..t] after, of which the steps before t are attended (C = M - 1 as published)."""
+    monkeypatch.setattr(enjoy, "TIMELINE_STEPS", 5)
     weights, args = enjoy.load_checkpoint(str(trained.checkpoints["long"]), "cpu")
     agent = Agent(args, gym.spaces.Box(-1.0, 1.0, (3,)), (2,), 1024)
     agent.load_state_dict(weights)
-    M, steps = args.trxl_memory_length, 3 * args.trxl_memory_length + 2
+    C = context_length(args.trxl_memory_length)
+    steps = 3 * args.trxl_memory_length + 2
     episode_memory = torch.zeros((steps, args.trxl_num_layers, args.trxl_dim))  # (T, L, D)
-    window = enjoy.MemoryWindow(M, args.trxl_num_layers, args.trxl_dim, "cpu")
     observations = torch.rand((steps, 3), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    player = enjoy.Player(agent, "float32", "cpu")
     for t in range(steps):
-        memory_indices = torch.arange(M) if t < M else torch.arange(t - M + 1, t + 1)
-        memory_mask = torch.tril(torch.ones((M, M)), diagonal=-1)[min(t, M - 1)]
+        memory_indices = torch.arange(C + 1) + max(t - C, 0)
+        memory_mask = (memory_indices < t).float()
         with torch.inference_mode():
-            trxl_out, new_memory, _ = agent.window_pass(
+            trxl_out, new_memory, published_weights = agent.window_pass(
                 observations[t : t + 1], episode_memory[memory_indices][None], memory_mask[None], memory_indices[None]
             )
-            expected_value = agent.policy_and_value(trxl_out)[3][0]
+            expected_value = agent.policy_and_value(trxl_out).value[0]
         episode_memory[t] = new_memory[0]
 
-        _, value, by_age = enjoy.act(agent, observations[t], window, deterministic=True)
+        _, value, by_age = player.act(observations[t], t, deterministic=True)
         torch.testing.assert_close(value, expected_value)
-        torch.testing.assert_close(window.rows[t % M], episode_memory[t])
-        assert window.t == t + 1
-        attended = ~by_age.isnan()  # (L, M-1) by age, oldest first
-        assert attended.sum(1).tolist() == [min(t, M - 1)] * args.trxl_num_layers
-        if t > 0:
-            assert attended[:, -1].all()  # the step just before is always in reach
-            torch.testing.assert_close(by_age.nansum(1), torch.ones(args.trxl_num_layers))
+        expected_by_age = torch.full((args.trxl_num_layers, C), float("nan"))  # ages C .. 1, oldest first
+        ages = t - memory_indices[: min(t, C)]
+        expected_by_age[:, C - ages] = torch.stack([w[0].mean(0)[: min(t, C)] for w in published_weights])
+        torch.testing.assert_close(by_age, expected_by_age, equal_nan=True)
+    assert player.timeline.steps[0, C + player.s - 1] == steps - 1  # in the timeline's sixth stretch of 5 steps

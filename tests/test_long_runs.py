@@ -423,7 +423,11 @@ BAD_INPUTS = {
     ),
     "resume-other-dim": (
         lambda cwd, source: ["--resume", copied_run(cwd, source), "--trxl-dim", "64"],
-        "--trxl-dim 64 differs from the checkpoint's 32",
+        "resume with the flags that built it; the flags that differ: --trxl-dim 64 (the checkpoint's 32)",
+    ),
+    "resume-other-encoding": (
+        lambda cwd, source: ["--resume", copied_run(cwd, source), "--trxl-positional-encoding", "learned"],
+        "the flags that differ: --trxl-positional-encoding learned (the checkpoint's absolute)",
     ),
     "resume-flat-optimizer-state": (flat_optimizer_state, "does not fit this ppo_trxl.py"),
     "resume-other-memory-length": (

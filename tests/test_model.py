@@ -117,47 +117,46 @@ def test_trainer_paths_replay_the_golden_episode(golden, device):
     episode = golden["rollout"]
     args = types.SimpleNamespace(**golden["checkpoint"]["args"])
     length = episode["obs"].shape[0]
-    timeline = ppo_trxl.Timeline(
-        1, length, args.trxl_memory_length, args.trxl_num_layers, args.trxl_dim, args.trxl_num_heads, torch.float32, device
-    )
+    timeline = ppo_trxl.Timeline(1, length, agent.transformer, torch.float32, device)
     context = timeline.context
     timeline.begin(agent.transformer)  # as collect_rollout begins
     values = []
     for t in range(length):
         episode_steps = torch.tensor([t], device=device)
-        timeline.steps[:, context + t] = episode_steps
         features = agent.encode(episode["obs"][t : t + 1])
-        _, _, value, layer_inputs = ppo_trxl.rollout_step(agent, timeline, features, episode_steps, t)
-        timeline.record(agent.transformer, t, layer_inputs)
-        values.append(value)
+        step = ppo_trxl.rollout_step(agent, timeline, features, episode_steps, t)
+        timeline.record(agent.transformer, t, episode_steps, step.layer_inputs)
+        values.append(step.value)
     expected = episode["per_step_outputs"]
     torch.testing.assert_close(torch.cat(values), expected["value"], **TOLERANCE)
     torch.testing.assert_close(timeline.memory[0, context:], episode["final_episode_memory"], **TOLERANCE)
 
     with torch.enable_grad():  # as the update evaluates
-        log_probs, entropy, value, _, _ = ppo_trxl.evaluate(
+        evaluation = ppo_trxl.evaluate(
             agent,
             timeline,
             ppo_trxl.chunk_windows(timeline, (torch.tensor([[0]], device=device), torch.arange(length, device=device)[None])),
             episode["obs"][None],
             episode["actions"][None],
         )
-    torch.testing.assert_close(log_probs, expected["log_probs"], **TOLERANCE)
-    torch.testing.assert_close(entropy, expected["entropy"], **TOLERANCE)
-    torch.testing.assert_close(value, expected["value"], **TOLERANCE)
+    torch.testing.assert_close(evaluation.log_probs, expected["log_probs"], **TOLERANCE)
+    torch.testing.assert_close(evaluation.entropy, expected["entropy"], **TOLERANCE)
+    torch.testing.assert_close(evaluation.value, expected["value"], **TOLERANCE)
 
 
-def published_window(timeline, env, slot, t, memory_length):
-    """The window that the published model is given at episode step t, for the step at a timeline slot.
+def published_window(timeline, env, slot, t):
+    """The window that the published model is given at episode step t, for the step at a timeline slot, with the
+    context C of the window rule (C = M - 1 as published).
 
-    Its slots are the episode steps [0..M-1] while t < M, else [t-M+1..t]; those not yet played hold
+    Its C + 1 slots are the episode steps [0..C] while t <= C, else [t-C..t]; those not yet played hold
     zeros; the mask allows the steps before t, whose memory stands t - step slots before this one.
     """
-    first = 0 if t < memory_length else t - memory_length + 1
+    context = ppo_trxl.context_length(timeline.memory_length)
+    first = max(t - context, 0)
     device = timeline.memory.device
-    memory = torch.zeros((memory_length,) + timeline.memory.shape[2:], device=device)
-    indices = torch.arange(first, first + memory_length, device=device)
-    mask = torch.zeros(memory_length, device=device)
+    memory = torch.zeros((context + 1,) + timeline.memory.shape[2:], device=device)
+    indices = torch.arange(first, first + context + 1, device=device)
+    mask = torch.zeros(context + 1, device=device)
     for i, step in enumerate(indices.tolist()):
         if step < t:
             memory[i] = timeline.memory[env, slot - (t - step)].float()
@@ -203,9 +202,8 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
     args = ppo_trxl.Args(**{**small, **config})
     tolerance = TOLERANCE if args.encoder_dtype == "float32" else BFLOAT16_ENCODER_TOLERANCE
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = ppo_trxl.make_envs(args, "test", seed=3)
-    memory_length = min(args.trxl_memory_length, max_episode_steps)
     agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
-    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, device)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), agent.transformer, device)
     timeline, context = rollout.timeline, rollout.timeline.context
     next_obs = torch.as_tensor(next_obs, device=device)
     next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long, device=device)
@@ -235,11 +233,9 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
                 if "repeated_images" in seen:
                     seen["repeated_images"] += ppo_trxl.distinct_images(rollout.obs[mb].flatten(0, 1))[1] is not None
                 with torch.enable_grad():  # as the update evaluates
-                    log_probs, _, value, _, _ = ppo_trxl.evaluate(
-                        learner, timeline, windows, rollout.obs[mb], rollout.actions[mb]
-                    )
-                torch.testing.assert_close(log_probs, rollout.logprobs[mb].flatten(0, 1), **tolerance)
-                torch.testing.assert_close(value, rollout.values[mb].flatten(), **tolerance)
+                    evaluation = ppo_trxl.evaluate(learner, timeline, windows, rollout.obs[mb], rollout.actions[mb])
+                torch.testing.assert_close(evaluation.log_probs, rollout.logprobs[mb].flatten(0, 1), **tolerance)
+                torch.testing.assert_close(evaluation.value, rollout.values[mb].flatten(), **tolerance)
             assert (covered == 2).all(), "the minibatches deal every step exactly once"
 
             for env in range(args.num_envs):
@@ -252,7 +248,7 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
                     else:  # the bootstrap value of the obs after the rollout
                         obs, action, expected_log_probs = next_obs[env], None, None
                         expected_value, t = next_value[env], int(next_episode_steps[env])
-                    window = published_window(timeline, env, slot, t, memory_length)
+                    window = published_window(timeline, env, slot, t)
                     _, log_probs, _, value, _ = agent.get_action_and_value(
                         obs.unsqueeze(0),
                         *(part.unsqueeze(0) for part in window),
@@ -263,7 +259,7 @@ def test_update_sees_what_the_rollout_saw(config, device, full_float32):
                         torch.testing.assert_close(log_probs[0], expected_log_probs, **tolerance)
                     seen["first_step"] += t == 0
                     seen["reaches_back"] += s < min(t, context)
-                    seen["full_window"] += t >= memory_length
+                    seen["full_window"] += t > context
     assert all(count > 0 for count in seen.values()), seen
     if args.compile:  # the rollout step (static, then with a symbolic step index) and the update's forward
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3, dict(torch._dynamo.utils.counters["stats"])
@@ -345,14 +341,14 @@ def test_repeated_images_are_encoded_once():
     assert len(images) == 4 and torch.equal(images[image_index], obs.flatten(0, 1))
     assert ppo_trxl.distinct_images(pool)[1] is None, "all distinct: encoded as they are"
 
-    memory_length, chunks, steps = 5, 2, 5
+    context, chunks, steps = agent.transformer.context, 2, 5
     actions = torch.stack([torch.randint(0, 3, (chunks, steps)), torch.randint(0, 2, (chunks, steps))], -1)
-    episode_steps = torch.arange(memory_length - 1 + steps).expand(chunks, -1)
-    window = torch.randn(chunks, memory_length - 1 + steps, args.trxl_num_layers, args.trxl_dim)
+    episode_steps = torch.arange(context + steps).expand(chunks, -1)
+    window = torch.randn(chunks, context + steps, args.trxl_num_layers, args.trxl_dim)
 
     def outputs_and_gradients(images, image_index):
         agent.zero_grad()
-        outputs = agent(images, image_index, actions, window, episode_steps, memory_length)[:3]
+        outputs = agent(ppo_trxl.Chunks(images, image_index, actions, window, episode_steps))[:3]
         sum(output.sum() for output in outputs).backward()
         return outputs, [parameter.grad for parameter in agent.parameters()]
 
@@ -421,10 +417,9 @@ def minigrid_rollouts(env_id, rollouts=2, **flags):
     small = dict(num_envs=3, num_steps=16, num_minibatches=2, trxl_dim=16, trxl_num_layers=2, trxl_num_heads=2)
     args = ppo_trxl.Args(env_id=env_id, trxl_memory_length=9, **small, **flags)
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = ppo_trxl.make_envs(args, "test", seed=3)
-    memory_length = min(args.trxl_memory_length, max_episode_steps)
     agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps)
     cue = ppo_trxl.is_minigrid_memory(env_id)
-    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, "cpu", cue)
+    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), agent.transformer, "cpu", cue)
     state = torch.as_tensor(next_obs), torch.zeros(args.num_envs, dtype=torch.long)
     for _ in range(rollouts):
         *state, next_value, _ = ppo_trxl.collect_rollout(agent, envs, rollout, *state)
@@ -453,13 +448,11 @@ def test_ppo_loss_is_the_published_objective():
         for parameter in agent.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     mb = next(ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, "cpu"))
-    loss, pg_loss, v_loss, entropy_loss, r_loss = ppo_trxl.ppo_loss(
-        args, ent_coef, agent, agent, rollout, mb, advantages, returns
-    )[:5]
+    loss, metrics = ppo_trxl.ppo_loss(args, ent_coef, agent, agent, rollout, mb, advantages, returns)
 
     new_logprobs, entropies, new_values, reconstructions = [], [], [], []
     for env, s, slot, t in minibatch_samples(rollout, mb):
-        window = published_window(rollout.timeline, env, slot, t, rollout.timeline.memory_length)
+        window = published_window(rollout.timeline, env, slot, t)
         _, logprob, entropy, value, _ = agent.get_action_and_value(
             rollout.obs[env, s : s + 1], *(part.unsqueeze(0) for part in window), rollout.actions[env, s : s + 1]
         )
@@ -488,10 +481,11 @@ def test_ppo_loss_is_the_published_objective():
     )
     assert ((ratio - 1).abs() > args.clip_coef).any() and ((new_values - mb_values).abs() > args.clip_coef).any()
     for actual, expected in [
-        (pg_loss, expected_pg_loss),
-        (v_loss, expected_v_loss),
-        (entropy_loss, entropies.mean()),
-        (r_loss, expected_r_loss),
+        (metrics["losses/policy_loss"], expected_pg_loss),
+        (metrics["losses/value_loss"], expected_v_loss),
+        (metrics["losses/entropy"], entropies.mean()),
+        (metrics["losses/reconstruction_loss"], expected_r_loss),
+        (metrics["losses/loss"], expected_loss),
         (loss, expected_loss),
     ]:
         torch.testing.assert_close(actual, expected, **TOLERANCE)
@@ -509,13 +503,13 @@ def test_attention_summary_matches_the_published_windows():
 
     mb = next(ppo_trxl.minibatches(args.num_envs, args.num_steps, args.num_minibatches, "cpu"))
     with torch.enable_grad():  # as the update evaluates
-        summary = ppo_trxl.ppo_loss(args, 0.0, agent, agent, rollout, mb, advantages, returns, need_attention=True)[-1]
+        metrics = ppo_trxl.ppo_loss(args, 0.0, agent, agent, rollout, mb, advantages, returns, need_attention=True)[1]
 
     per_sample = []  # (L, 3) for each sample at t >= 1
     for env, s, slot, t in minibatch_samples(rollout, mb):
         if t == 0:
             continue
-        memory, mask, indices = published_window(timeline, env, slot, t, timeline.memory_length)
+        memory, mask, indices = published_window(timeline, env, slot, t)
         _, _, weights = agent.window_pass(rollout.obs[env, s : s + 1], memory[None], mask[None], indices[None])
         ages = (t - indices).float()  # (M,)
         cue = torch.tensor(
@@ -527,8 +521,12 @@ def test_attention_summary_matches_the_published_windows():
             entropy = -(w * w.clamp(min=1e-30).log()).sum(-1)
             rows.append(torch.stack([(w * ages).sum(-1), entropy, (w * cue.float()).sum(-1)], -1).mean(0))
         per_sample.append(torch.stack(rows))
-    torch.testing.assert_close(summary, torch.stack(per_sample).mean(0), **TOLERANCE)
-    assert (summary[:, 2] > 0).all(), "some attention on the cue's steps"
+    expected = torch.stack(per_sample).mean(0)  # (L, 3)
+    for layer, (mean_age, entropy, cue_weight) in enumerate(expected):
+        torch.testing.assert_close(metrics[f"attention/layer{layer}_mean_age"], mean_age, **TOLERANCE)
+        torch.testing.assert_close(metrics[f"attention/layer{layer}_entropy"], entropy, **TOLERANCE)
+        torch.testing.assert_close(metrics[f"attention/layer{layer}_cue_weight"], cue_weight, **TOLERANCE)
+        assert cue_weight > 0, "some attention on the cue's steps"
 
 
 @pytest.mark.parametrize("env_id", ["MiniGrid-MemoryS9-v0", CUE_VARIANT])
@@ -583,7 +581,7 @@ def test_memory_length_one_is_the_memoryless_control(memory_length):
     )
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = ppo_trxl.make_envs(args, "test", seed=3)
     agent = ppo_trxl.Agent(args, observation_space, action_space_shape, max_episode_steps)
-    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), memory_length, "cpu")
+    rollout = ppo_trxl.Rollout(args, observation_space, len(action_space_shape), agent.transformer, "cpu")
     state = torch.as_tensor(next_obs), torch.zeros(args.num_envs, dtype=torch.long)
     for _ in range(2):
         *state, _, _ = ppo_trxl.collect_rollout(agent, envs, rollout, *state)
@@ -592,13 +590,13 @@ def test_memory_length_one_is_the_memoryless_control(memory_length):
     whole_rollout = (torch.arange(args.num_envs).unsqueeze(1), torch.arange(args.num_steps).expand(args.num_envs, -1))
     obs, actions = rollout.obs[whole_rollout], rollout.actions[whole_rollout]
     with torch.no_grad():
-        log_probs, _, value, _, _ = ppo_trxl.evaluate(
+        log_probs, _, value, *_ = ppo_trxl.evaluate(
             agent, timeline, ppo_trxl.chunk_windows(timeline, whole_rollout), obs, actions
         )
         torch.testing.assert_close(log_probs, rollout.logprobs.flatten(0, 1), **TOLERANCE)
         assert (timeline.steps > 0).any()
         timeline.steps.zero_()  # every step an episode's first
-        first_log_probs, _, first_value, _, _ = ppo_trxl.evaluate(
+        first_log_probs, _, first_value, *_ = ppo_trxl.evaluate(
             agent, timeline, ppo_trxl.chunk_windows(timeline, whole_rollout), obs, actions
         )
     if memory_length == 1:

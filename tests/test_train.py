@@ -718,7 +718,7 @@ def test_absolute_positional_encoding_table(trxl):
 
 
 def test_learned_positions_past_the_limit_are_finite(trxl):
-    transformer = trxl.Transformer(1, 8, 2, 10, "learned")
+    transformer = trxl.Transformer(1, 8, 2, 10, "learned", memory_length=10)
     with torch.no_grad():
         rows = transformer.positions(torch.arange(40))
     assert rows.shape == (40, 8) and torch.isfinite(rows).all()
