@@ -64,8 +64,10 @@ except ModuleNotFoundError as missing:
 
 import pom_env  # noqa: F401  (registers ProofofMemory-v0)
 
-POSITIONAL_ENCODINGS = ("absolute", "learned", "none", "")
+POSITIONAL_ENCODINGS = ("absolute", "learned", "rotary", "none", "")
 """The --trxl-positional-encoding choices: "none" is how users write it, "" how older checkpoints store it."""
+GATES = ("none", "gru")
+"""The --trxl-gate choices."""
 
 
 def encoding_of(name):
@@ -168,7 +170,15 @@ class TrXLArgs:
     trxl_memory_length: int = 119
     """the length of the memory window (clipped to the episode limit); the last memory_length - 1 steps are attended"""
     trxl_positional_encoding: Literal[POSITIONAL_ENCODINGS] = "absolute"
-    """the positional encoding of the memory: absolute (sinusoids), learned, or none ("" also means none)"""
+    """the positional encoding of the memory: absolute (sinusoids), learned, rotary (queries and keys rotated by their
+    episode steps, so that scores depend on the distance alone), or none ("" also means none)"""
+    trxl_gate: Literal[GATES] = "none"
+    """the residual connections of every layer: plain sums, as published, or GTrXL's GRU gates (Parisotto et al. 2020)"""
+    trxl_gate_bias: float = 2.0
+    """the bias of the GRU gates' update gate: the larger, the nearer to the identity every layer starts"""
+    trxl_segment_gradients: bool = False
+    """in the update, a chunk's steps attend to the chunk's earlier steps as the update's pass computes them, with their
+    gradients (Transformer-XL's segments), instead of as the rollout cached them"""
 
 
 @dataclass
@@ -290,6 +300,8 @@ def check_args(args):
         )
     if args.trxl_dim % args.trxl_num_heads:
         fail(f"--trxl-dim {args.trxl_dim} is not divisible by --trxl-num-heads {args.trxl_num_heads}")
+    if args.trxl_positional_encoding == "rotary" and args.trxl_dim // args.trxl_num_heads % 2:
+        fail(f"--trxl-positional-encoding rotary turns pairs of a head's features: --trxl-dim / --trxl-num-heads must be even")
     if args.trxl_memory_length < 1:
         fail(
             f"--trxl-memory-length {args.trxl_memory_length} is below 1: a step attends to the last memory_length - 1 "
@@ -635,6 +647,14 @@ class PositionalEncoding(nn.Module):
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
+def rotate(x, rotation):
+    """x (N, H, P, h) with every pair (x_i, x_{i + h/2}) of each head's features turned by an angle (RoFormer):
+    rotation = (cos, sin) of the angles (N, 1, P, h/2), Transformer.rotation."""
+    cos, sin = rotation
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
 class LayerMemory(NamedTuple):
     """What one layer attends to: the keys and values (N, H, P, h) of its P memory slots, and fresh (D,), the value
     that a query which may attend no slot gets (Transformer.fresh_values). Without fresh such a query attends
@@ -667,12 +687,15 @@ class MultiHeadAttention(nn.Module):
         """slots (N, P, D) the normalised memory -> keys, values (N, H, P, h)"""
         return self.per_head(slots, self.keys), self.per_head(slots, self.values)
 
-    def forward(self, query, memory, allowed, need_weights=False):
-        """query (N, S, D) normalised; memory: the LayerMemory of P slots; allowed (N, S, P) bool (band_mask).
+    def forward(self, query, memory, allowed, rotation=None, need_weights=False):
+        """query (N, S, D) normalised; memory: the LayerMemory of P slots; allowed (N, S, P) bool (band_mask);
+        rotation: the queries' rotary encoding (Transformer.rotation), or None.
         A query that may attend no slot gets memory.fresh; without it, it attends uniformly over all P slots, as the
         published model does (a mask fill of -1e20, not -inf: never NaN).
         Returns the output (N, S, D), and with need_weights the attention weights (N, H, S, P), else None."""
         queries = self.per_head(query, self.queries)  # (N, H, S, h)
+        if rotation is not None:
+            queries = rotate(queries, rotation)
         mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)  # (N, 1, S, P)
         if need_weights:
             weights = torch.softmax(queries @ memory.keys.mT * self.scale + mask, dim=-1)
@@ -686,21 +709,43 @@ class MultiHeadAttention(nn.Module):
         return self.fc_out(attended), weights
 
 
+class GRUGate(nn.Module):
+    """GTrXL's gate (Parisotto et al. 2020) in place of a residual sum x + y: a GRU's update of x by y. The update
+    gate z is biased by -bias, so that a new layer starts near the identity, x."""
+
+    def __init__(self, dim, bias):
+        super().__init__()
+        self.w_r, self.w_z, self.w_g = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.u_r, self.u_z, self.u_g = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.bias = bias
+
+    def forward(self, x, y):
+        r = torch.sigmoid(self.w_r(y) + self.u_r(x))
+        z = torch.sigmoid(self.w_z(y) + self.u_z(x) - self.bias)
+        h = torch.tanh(self.w_g(y) + self.u_g(r * x))
+        return (1 - z) * x + z * h
+
+
 class TransformerLayer(nn.Module):
     """A pre-layer-norm block. It attends to its own inputs cached at earlier steps (Transformer.memory)."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, gate="none", gate_bias=2.0):
         super().__init__()
         self.attention = MultiHeadAttention(dim, num_heads)
         self.layer_norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.layer_norm_attn = nn.LayerNorm(dim)
         self.fc_projection = nn.Sequential(nn.Linear(dim, dim), nn.ReLU())
+        self.gates = nn.ModuleList([GRUGate(dim, gate_bias), GRUGate(dim, gate_bias)]) if gate == "gru" else None
 
-    def forward(self, x, memory, allowed, need_weights=False):
-        attended, weights = self.attention(self.layer_norm_q(x), memory, allowed, need_weights)
-        x = x + attended
-        return x + self.fc_projection(self.layer_norm_attn(x)), weights
+    def residual(self, i, x, y):
+        """x + y, as published, or GTrXL's gate i on y after a ReLU, as the paper has it"""
+        return x + y if self.gates is None else self.gates[i](x, F.relu(y))
+
+    def forward(self, x, memory, allowed, rotation=None, need_weights=False):
+        attended, weights = self.attention(self.layer_norm_q(x), memory, allowed, rotation, need_weights)
+        x = self.residual(0, x, attended)
+        return self.residual(1, x, self.fc_projection(self.layer_norm_attn(x))), weights
 
 
 class TransformerOutput(NamedTuple):
@@ -716,7 +761,7 @@ class Transformer(nn.Module):
     """L layers that attend to their own inputs at earlier steps of the episode, within memory_length (clipped to
     the episode limit T, which sizes the positional encoding)."""
 
-    def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding, memory_length):
+    def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding, memory_length, gate, gate_bias):
         super().__init__()
         self.dim = dim
         self.max_episode_steps = max_episode_steps
@@ -727,48 +772,74 @@ class Transformer(nn.Module):
             self.pos_embedding = PositionalEncoding(dim, max_episode_steps)
         elif self.positional_encoding == "learned":
             self.pos_embedding = nn.Parameter(torch.randn(max_episode_steps, dim))
-        self.transformer_layers = nn.ModuleList([TransformerLayer(dim, num_heads) for _ in range(num_layers)])
+        elif self.positional_encoding == "rotary":
+            head_size = dim // num_heads
+            self.register_buffer("rotary_inv_freqs", 10000 ** (-torch.arange(0, head_size, 2.0) / head_size), False)
+        self.transformer_layers = nn.ModuleList([TransformerLayer(dim, num_heads, gate, gate_bias) for _ in range(num_layers)])
 
     def positions(self, steps):
-        """steps (...) episode steps -> (..., D) encodings; past the episode limit T, `learned` reuses its last row."""
+        """steps (...) episode steps -> (..., D) the absolute or learned encodings, which are added to the memory at
+        those steps, or None (the other encodings add nothing); past the episode limit T, `learned` reuses its last row."""
         if self.positional_encoding == "absolute":
             return self.pos_embedding(steps)
-        return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
+        if self.positional_encoding == "learned":
+            return self.pos_embedding[steps.clamp(max=self.max_episode_steps - 1)]
+        return None
+
+    def rotation(self, steps):
+        """steps (N, P) episode steps -> the rotary encoding's (cos, sin) of the angles steps * inv_freqs, each
+        (N, 1, P, h/2), which rotate the queries and keys at those steps (rotate); None for the other encodings."""
+        if self.positional_encoding != "rotary":
+            return None
+        angles = (steps.float().unsqueeze(-1) * self.rotary_inv_freqs).unsqueeze(1)
+        return angles.cos(), angles.sin()
+
+    def layer_memory(self, layer, slots, rotation=None, fresh=None):
+        """layer's LayerMemory of slots (N, P, D), its inputs with their positions added: its attention's keys and
+        values of norm_kv(slots), the keys rotated by rotation (the slots' rotary encoding, or None)."""
+        keys, values = layer.attention.keys_and_values(layer.norm_kv(slots))
+        return LayerMemory(keys if rotation is None else rotate(keys, rotation), values, fresh)
 
     def memory(self, slots, steps, fresh=None):
         """What every layer attends to, [LayerMemory] * L, given slots (N, P, L, D), the layers' inputs cached at the
-        episode steps (N, P): each layer's keys and values are its attention's maps of norm_kv(slot + position).
-        fresh: every layer's value for a query that may attend no slot ([(D,)] * L, fresh_values), or None."""
-        slots = slots.float()
-        if self.positional_encoding:
-            slots = slots + self.positions(steps).unsqueeze(-2)
-        memory = []
+        episode steps (N, P) (layer_memory of slot + position). fresh: every layer's value for a query that may
+        attend no slot ([(D,)] * L, fresh_values), or None."""
+        slots, positions, rotation = slots.float(), self.positions(steps), self.rotation(steps)
+        if positions is not None:
+            slots = slots + positions.unsqueeze(-2)
         fresh = fresh or [None] * len(self.transformer_layers)
-        for layer, layer_slots, layer_fresh in zip(self.transformer_layers, slots.unbind(-2), fresh):
-            keys, values = layer.attention.keys_and_values(layer.norm_kv(layer_slots))
-            memory.append(LayerMemory(keys, values, layer_fresh))
-        return memory
+        return [
+            self.layer_memory(layer, layer_slots, rotation, layer_fresh)
+            for layer, layer_slots, layer_fresh in zip(self.transformer_layers, slots.unbind(-2), fresh)
+        ]
 
     def fresh_values(self):
         """What every layer's attention gives a query at an episode's first step, [(D,)] * L: the published model
         attends uniformly over a fresh episode's window, the C + 1 slots of zero memory at the steps 0 .. C (C =
         context), so the query gets the value of their mean slot (the maps are linear)."""
         steps = torch.arange(self.context + 1, device=self.transformer_layers[0].norm_kv.weight.device)
-        fresh = torch.zeros((len(steps), self.dim), device=steps.device)
-        if self.positional_encoding:
-            fresh = fresh + self.positions(steps)
+        fresh, positions = torch.zeros((len(steps), self.dim), device=steps.device), self.positions(steps)
+        if positions is not None:
+            fresh = fresh + positions
         return [
             layer.attention.per_head(layer.norm_kv(fresh).mean(0)[None, None], layer.attention.values).flatten()
             for layer in self.transformer_layers
         ]
 
-    def forward(self, x, memory, allowed, need_weights=False):
-        """x (N, S, D) the encoded observations; memory: every layer's LayerMemory of P slots; allowed (N, S, P)
-        bool (band_mask). Returns the TransformerOutput."""
+    def forward(self, x, steps, memory, allowed, need_weights=False, segment=False):
+        """x (N, S, D) the encoded observations at episode steps (N, S); memory: every layer's LayerMemory of P
+        slots; allowed (N, S, P) bool (band_mask). With segment, the memory holds the slots before the S steps, and
+        every layer appends the S steps' own slots as this pass computes them, with their gradients: allowed then
+        spans P + S slots. Returns the TransformerOutput."""
+        rotation, positions = self.rotation(steps), self.positions(steps) if segment else None
         layer_inputs, weights = [], []
         for layer, layer_memory in zip(self.transformer_layers, memory):
             layer_inputs.append(x.detach())
-            x, layer_weights = layer(x, layer_memory, allowed, need_weights)
+            if segment:
+                own = self.layer_memory(layer, x if positions is None else x + positions, rotation)
+                keys, values = torch.cat((layer_memory.keys, own.keys), 2), torch.cat((layer_memory.values, own.values), 2)
+                layer_memory = LayerMemory(keys, values, layer_memory.fresh)
+            x, layer_weights = layer(x, layer_memory, allowed, rotation, need_weights)
             weights.append(layer_weights)
         return TransformerOutput(x, torch.stack(layer_inputs, dim=-2), weights)
 
@@ -846,7 +917,10 @@ class Agent(nn.Module):
             max_episode_steps,
             args.trxl_positional_encoding,
             args.trxl_memory_length,
+            getattr(args, "trxl_gate", "none"),  # published args lack the options beyond the published model
+            getattr(args, "trxl_gate_bias", 2.0),
         )
+        self.segment_gradients = getattr(args, "trxl_segment_gradients", False)
         self.hidden_post_trxl = nn.Sequential(layer_init(nn.Linear(dim, dim)), nn.ReLU())
         self.actor_branches = nn.ModuleList([layer_init(nn.Linear(dim, n), std=0.1) for n in action_space_shape])
         self.critic = layer_init(nn.Linear(dim, 1), std=1)
@@ -901,13 +975,15 @@ class Agent(nn.Module):
 
         x (B, *obs_shape); memory (B, M, L, D): the window's cached layer inputs; memory_mask (B, M): which
         slots may be attended; memory_indices (B, M): the episode step of every slot. A step that may attend no slot
-        attends uniformly over its window, as published.
+        attends uniformly over its window, as published. The step's own episode step, which rotary positions need, is
+        read off the published window: its first slot's step plus the number of slots it may attend.
         Returns the transformer output (B, D), the new memory (B, L, D) and every layer's attention
         weights over the window [(B, H, M)] * L.
         """
         layers_memory = self.transformer.memory(memory, memory_indices)
         allowed = memory_mask.bool().unsqueeze(1)  # (B, 1, M)
-        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), layers_memory, allowed, need_weights=True)
+        steps = (memory_indices[:, 0] + allowed.sum(-1)[:, 0]).unsqueeze(1)  # (B, 1)
+        out, new_memory, weights = self.transformer(self.encode(x).unsqueeze(1), steps, layers_memory, allowed, True)
         return out.squeeze(1), new_memory.squeeze(1), [layer_weights.squeeze(2) for layer_weights in weights]
 
     def get_value(self, x, memory, memory_mask, memory_indices):
@@ -926,19 +1002,22 @@ class Agent(nn.Module):
             slots    [0 ........ R) [R ........ R+Q)
             step R+i        [band]   ^ the step's own slot
 
+        The slots hold the layer inputs that the rollout cached; with segment_gradients, those of the chunk's own
+        steps are the ones that this pass computes, with their gradients (Transformer.forward's segment).
         Returns the Evaluation, with every layer's attention weights if need_weights.
         """
         num_queries = chunks.actions.shape[1]  # Q
-        transformer = self.transformer
-        memory = transformer.memory(chunks.slots, chunks.steps, transformer.fresh_values())
+        transformer, steps = self.transformer, chunks.steps[:, -num_queries:]  # (G, Q)
+        cached = slice(0, -num_queries if self.segment_gradients else None)
+        memory = transformer.memory(chunks.slots[:, cached], chunks.steps[:, cached], transformer.fresh_values())
         ages = window_ages(chunks.steps.shape[1], num_queries, chunks.steps.device)  # (Q, R+Q)
-        allowed = band_mask(ages, chunks.steps[:, -num_queries:], transformer.memory_length)  # (G, Q, R+Q)
+        allowed = band_mask(ages, steps, transformer.memory_length)  # (G, Q, R+Q)
         x = self.encode(chunks.images)  # (U, D)
         if chunks.image_index is not None:  # each step's features as a product with its one-hot row (G*Q, U): the backward
             # then sums a repeated image's gradients in a fixed order, where index_select's atomics on a GPU would not
             x = F.one_hot(chunks.image_index, len(x)).to(x.dtype) @ x
         x = x.view(-1, num_queries, self.transformer_dim)  # (G, Q, D)
-        out, _, weights = transformer(x, memory, allowed, need_weights)
+        out, _, weights = transformer(x, steps, memory, allowed, need_weights, self.segment_gradients)
         trxl_out = out.flatten(0, 1)
         policy = self.policy_and_value(trxl_out, chunks.actions.flatten(0, 1))
         return Evaluation(policy.log_probs, policy.entropy, policy.value, policy.hidden, trxl_out, weights)
@@ -1053,8 +1132,9 @@ class Step(NamedTuple):
 def rollout_step(agent, timeline, features, episode_steps, s, need_weights=False):
     """The policy at rollout step s for all envs, given their observations' features (E, D) at episode steps (E,):
     each env attends to its band just before slot C + s, from the timeline's key/value cache. Returns the Step."""
-    allowed = band_mask(timeline.window_ages, episode_steps.unsqueeze(1), timeline.memory_length)  # (E, 1, C)
-    out, layer_inputs, weights = agent.transformer(features.unsqueeze(1), timeline.window(s), allowed, need_weights)
+    steps = episode_steps.unsqueeze(1)  # (E, 1)
+    allowed = band_mask(timeline.window_ages, steps, timeline.memory_length)  # (E, 1, C)
+    out, layer_inputs, weights = agent.transformer(features.unsqueeze(1), steps, timeline.window(s), allowed, need_weights)
     trxl_out = out.squeeze(1)
     policy = agent.policy_and_value(trxl_out)
     return Step(policy.action, policy.log_probs, policy.value, layer_inputs.squeeze(1), trxl_out, weights)

@@ -1,5 +1,6 @@
 """The model against the published one, and the trainer's bookkeeping: the update sees what the rollout saw."""
 
+import dataclasses
 import types
 from pathlib import Path
 
@@ -170,6 +171,17 @@ CONFIGS = {
     "mortar-multidiscrete-none": dict(env_id="MortarMayhem-v0", trxl_positional_encoding="none", trxl_num_heads=4),
     "minigrid-bf16-encoder": dict(env_id="MiniGrid-MemoryS9-v0", encoder_dtype="bfloat16"),
     "mortar-grid-compiled": dict(env_id="MortarMayhem-Grid-v0", compile=True),
+    "pom-rotary-gru-gate": dict(env_id="ProofofMemory-v0", trxl_positional_encoding="rotary", trxl_gate="gru"),
+    "minigrid-segment-gradients": dict(
+        env_id="MiniGrid-MemoryS9-v0", trxl_positional_encoding="learned", trxl_segment_gradients=True
+    ),
+    "pom-rotary-segment-compiled": dict(
+        env_id="ProofofMemory-v0",
+        trxl_positional_encoding="rotary",
+        trxl_segment_gradients=True,
+        trxl_gate="gru",
+        compile=True,
+    ),
 }
 
 
@@ -194,7 +206,9 @@ def full_float32():
 )
 def test_update_sees_what_the_rollout_saw(config, device, full_float32):
     """Before any gradient step, the update's log-probs and values equal the rollout's for every sample,
-    and both equal the published model given the window the published rule builds step by step."""
+    and both equal the published model given the window the published rule builds step by step. With
+    --trxl-segment-gradients the update's slots of a chunk's own steps are the layer inputs of its own pass, under
+    the current parameters: before any gradient step those are the rollout's."""
     torch.manual_seed(0)
     small = dict(
         num_envs=3, num_steps=24, num_minibatches=2, trxl_dim=16, trxl_num_layers=2, trxl_num_heads=2, trxl_memory_length=9
@@ -604,3 +618,44 @@ def test_memory_length_one_is_the_memoryless_control(memory_length):
         torch.testing.assert_close(first_value, value, **TOLERANCE)
     else:
         assert not torch.allclose(first_value, value, **TOLERANCE)
+
+
+def test_segment_gradients_reach_a_chunks_earlier_steps():
+    """With --trxl-segment-gradients the value of a chunk's last step has a gradient with respect to the
+    observations of the chunk's earlier steps in its episode and memory, through their slots as the update's pass
+    computes them; without, the slots are the rollout's cache and only the step's own observation has one."""
+    torch.manual_seed(0)
+    args = ppo_trxl.Args(env_id="ProofofMemory-v0", trxl_dim=16, trxl_num_heads=2, trxl_num_layers=2, trxl_memory_length=6)
+    chunk, queries = 10, 4  # one chunk of 10 steps of one episode, whose last step attends to the 5 before it
+    steps = torch.arange(chunk).unsqueeze(0)
+    slots = torch.randn(1, chunk, args.trxl_num_layers, args.trxl_dim)
+    gradients = {}
+    for segment in (False, True):
+        agent = ppo_trxl.Agent(
+            dataclasses.replace(args, trxl_segment_gradients=segment), gym.spaces.Box(-1.0, 1.0, (3,)), (2,), 16
+        )
+        obs = torch.randn(queries, 3, requires_grad=True)
+        chunks = ppo_trxl.Chunks(obs, None, torch.zeros(1, queries, 1, dtype=torch.long), slots, steps)
+        agent(chunks).value[-1].backward()
+        gradients[segment] = obs.grad.abs().sum(-1)
+    assert gradients[False][:-1].eq(0).all() and gradients[False][-1] > 0
+    assert gradients[True].gt(0).all()
+
+
+@pytest.mark.parametrize("encoding", ["rotary", "absolute"])
+@torch.no_grad()
+def test_rotary_attention_depends_on_the_distance_alone(encoding):
+    """With --trxl-positional-encoding rotary every layer's attention stays the same when the query's and the slots'
+    episode steps shift alike, here by three episode limits; with the absolute encoding it does not."""
+    torch.manual_seed(0)
+    args = ppo_trxl.Args(trxl_dim=16, trxl_num_heads=2, trxl_num_layers=2, trxl_positional_encoding=encoding)
+    transformer = ppo_trxl.Agent(args, gym.spaces.Box(-1.0, 1.0, (3,)), (2,), 20).transformer
+    x, slots = torch.randn(1, 1, 16), torch.randn(1, 6, 2, 16)
+    slot_steps, query_steps = torch.arange(3, 9).unsqueeze(0), torch.tensor([[9]])
+    allowed = torch.ones(1, 1, 6, dtype=torch.bool)
+    weights = [
+        transformer(x, query_steps + shift, transformer.memory(slots, slot_steps + shift), allowed, True).weights
+        for shift in (0, 60)
+    ]
+    same = all(torch.allclose(a, b, **TOLERANCE) for a, b in zip(*weights))
+    assert same == (encoding == "rotary")

@@ -677,7 +677,18 @@ def test_endless_env_has_the_default_limit(trxl):
     assert trxl.episode_limit(pom) == POM_LIMIT
 
 
-def test_episodes_past_three_episode_limits(train):
+def resident_mib(pid):
+    """The resident memory of a running process, in MiB (Linux)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
+@pytest.mark.parametrize("encoding", ["absolute", "rotary"])
+def test_episodes_past_three_episode_limits(train_env, tmp_path, encoding):
+    """Episodes of 3,500 steps, past three limits T = 1024, train with finite losses, and the trainer's resident
+    memory stays flat from the second iteration to the seventh (of eight): memory that grew with the episodes, as
+    every step's layer inputs, keys and values kept, would add 3 KiB a step and env: 15 MiB in five iterations."""
     flags = command_line(
         {
             "env-id": "tests.endless_env:EndlessCorridor-v0",
@@ -685,22 +696,29 @@ def test_episodes_past_three_episode_limits(train):
             "num-steps": 512,
             "num-minibatches": 2,
             "update-epochs": 1,
-            "total-timesteps": 7 * 2 * 512,
-            "trxl-dim": 16,
-            "trxl-num-heads": 1,
-            "trxl-num-layers": 1,
+            "total-timesteps": 8 * 2 * 512,
+            "trxl-dim": 128,
+            "trxl-num-heads": 2,
+            "trxl-num-layers": 2,
             "trxl-memory-length": 32,
-            "trxl-positional-encoding": "absolute",
+            "trxl-positional-encoding": encoding,
         }
     )
-    run = train("endless", flags).check()
-    assert len(run.iteration_lines) == 7
+    launch = Launch([sys.executable, str(SCRIPT), *flags], tmp_path, train_env, timeout=300)
+    launch.wait_for("iteration 2/")
+    early = resident_mib(launch.process.pid)
+    launch.wait_for("iteration 7/")
+    late = resident_mib(launch.process.pid)
+    run = launch.finish().check()
+    assert late - early < 8, f"resident memory grew from {early:.0f} MiB to {late:.0f} MiB"
+    assert len(run.iteration_lines) == 8
     assert run.run_dir.name.startswith("tests.endless_env:EndlessCorridor-v0__ppo_trxl__1__")
     scalars = run.scalars()
-    assert scalars["episode/l_mean"] == [(7 * 2 * 512, 3500.0)]
-    assert scalars["episode/r_mean"] == [(7 * 2 * 512, 1.0)]
+    assert scalars["episode/l_mean"] == [(7 * 2 * 512, 3500.0), (8 * 2 * 512, 3500.0)]
+    assert scalars["episode/r_mean"][-1] == (8 * 2 * 512, 1.0)
     for tag in ALWAYS_LOGGED:
         assert all(math.isfinite(value) for _, value in scalars[tag]), tag
+    print(f"{encoding}: resident memory {early:.0f} MiB at iteration 2, {late:.0f} MiB at iteration 7")
 
 
 def test_absolute_positional_encoding_table(trxl):
@@ -718,7 +736,7 @@ def test_absolute_positional_encoding_table(trxl):
 
 
 def test_learned_positions_past_the_limit_are_finite(trxl):
-    transformer = trxl.Transformer(1, 8, 2, 10, "learned", memory_length=10)
+    transformer = trxl.Transformer(1, 8, 2, 10, "learned", 10, "none", 2.0)
     with torch.no_grad():
         rows = transformer.positions(torch.arange(40))
     assert rows.shape == (40, 8) and torch.isfinite(rows).all()
