@@ -90,12 +90,18 @@ VALUE_COLOR = (80, 200, 255)
 
 PUBLISHED_REPO = "LilHairdy/cleanrl_memory_gym"
 
+DESCRIPTION = """Watch and evaluate a trained PPO-TrXL agent: on screen, as a video beside what it attends to, or as numbers.
+
+Examples:
+  python enjoy.py --hub --name Endless-MortarMayhem-v0_12.nn          # a published agent, on screen
+  python enjoy.py --name runs/RUN --episodes 10 --deterministic      # your run: mean and std of the return
+  python enjoy.py --name runs/RUN --video agent.mp4 --max-steps 2000  # without a display"""
+
 
 @dataclass
 class Args:
     name: str = "Endless-MortarMayhem-v0_12.nn"
-    """the agent: a checkpoint file, a run directory (its saved model, else its newest training checkpoint), or
-    with --hub a file name in the hub repo"""
+    """the agent: a checkpoint file, a run directory (its saved model, else its newest checkpoint), or a --hub file"""
     hub: bool = False
     """download --name from the Hugging Face hub (into its local cache)"""
     repo_id: str = PUBLISHED_REPO
@@ -107,7 +113,7 @@ class Args:
     seed: int = 1
     """seed of the environment and of the sampled actions"""
     reset_params: Optional[str] = None
-    """Memory Gym task settings, a JSON object such as '{"command_count": [3]}' (default: those the agent was trained on)"""
+    """Memory Gym task settings, a JSON object such as '{"command_count": [3]}'; unset: those the agent learnt on"""
     deterministic: bool = False
     """take the most likely action of every branch instead of sampling"""
     video: Optional[str] = None
@@ -217,7 +223,7 @@ def load_checkpoint(path, device):
     if missing:
         fail(f"{not_ours}: its args lack {', '.join(missing)}")
     args = types.SimpleNamespace(**checkpoint["args"])
-    if args.trxl_positional_encoding not in POSITIONAL_ENCODINGS:
+    if args.trxl_positional_encoding not in POSITIONAL_ENCODINGS + ("",):
         fail(f"{not_ours}: unknown trxl_positional_encoding '{args.trxl_positional_encoding}'")
     return checkpoint["model_weights"], args
 
@@ -454,4 +460,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=DESCRIPTION))

@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -59,19 +60,21 @@ try:
     from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
 except ModuleNotFoundError as missing:
     missing_package(missing)
 
 import pom_env  # noqa: F401  (registers ProofofMemory-v0)
 
-POSITIONAL_ENCODINGS = ("absolute", "learned", "rotary", "none", "")
-"""The --trxl-positional-encoding choices: "none" is how users write it, "" how older checkpoints store it."""
+POSITIONAL_ENCODINGS = ("absolute", "learned", "rotary", "none")
+"""The --trxl-positional-encoding choices; checkpoints of the published model may store none as ""."""
 GATES = ("none", "gru")
 """The --trxl-gate choices."""
 
 
 def encoding_of(name):
-    """The encoding a flag value means: "absolute", "learned", or "" for none."""
+    """The encoding a flag value or a checkpoint's trxl_positional_encoding means: "absolute", "learned", "rotary", or
+    "" for none."""
     return "" if name == "none" else name
 
 
@@ -103,7 +106,7 @@ class ExperimentArgs:
     save_model: bool = False
     """save the final model to `runs/{run_name}/{exp_name}.cleanrl_model` (the published format, for enjoy.py)"""
     progress: bool = False
-    """show a progress bar instead of a line per iteration"""
+    """show a progress bar (tqdm) instead of a line per iteration"""
 
 
 @dataclass
@@ -111,8 +114,7 @@ class EnvArgs:
     env_id: str = "MortarMayhem-Grid-v0"
     """the id of the environment (`module:EnvId` imports the module that registers it)"""
     reset_params: Optional[str] = None
-    """Memory Gym task settings passed to every reset of every env, a JSON object such as '{"command_count": [3]}'
-    (the keys of the env's default_reset_parameters; the others keep their defaults)"""
+    """Memory Gym task settings for every reset of every env, a JSON object such as '{"command_count": [3]}'"""
     num_envs: int = 32
     """the number of parallel game environments"""
     async_envs: bool = False
@@ -130,7 +132,7 @@ class PPOArgs:
     num_steps: int = 512
     """the number of steps to run in each environment per policy rollout"""
     anneal_steps: int = 32 * 512 * 10000
-    """the number of steps to linearly anneal the learning rate and entropy coefficient from initial to final"""
+    """the number of steps to linearly anneal the learning rate and entropy coefficient from initial to final (0: constant)"""
     gamma: float = 0.995
     """the discount factor gamma"""
     gae_lambda: float = 0.95
@@ -170,21 +172,21 @@ class TrXLArgs:
     trxl_memory_length: int = 119
     """the length of the memory window (clipped to the episode limit); the last memory_length - 1 steps are attended"""
     trxl_positional_encoding: Literal[POSITIONAL_ENCODINGS] = "absolute"
-    """the positional encoding of the memory: absolute (sinusoids), learned, rotary (queries and keys rotated by their
-    episode steps, so that scores depend on the distance alone), or none ("" also means none)"""
+    """the positional encoding of the memory: absolute (sinusoids), learned, rotary (scores depend on distance), or none"""
     trxl_gate: Literal[GATES] = "none"
-    """the residual connections of every layer: plain sums, as published, or GTrXL's GRU gates (Parisotto et al. 2020)"""
+    """every layer's residual connections: plain sums, as published, or GTrXL's GRU gates (Parisotto et al. 2020)"""
     trxl_gate_bias: float = 2.0
-    """the bias of the GRU gates' update gate: the larger, the nearer to the identity every layer starts"""
+    """the bias of the GRU gates' update gate: the larger, the nearer to the identity a layer starts"""
     trxl_segment_gradients: bool = False
-    """in the update, a chunk's steps attend to the chunk's earlier steps as the update's pass computes them, with their
-    gradients (Transformer-XL's segments), instead of as the rollout cached them"""
+    """let the update's gradients flow between the steps of a minibatch's chunks, as Transformer-XL trains its segments"""
 
 
 @dataclass
 class CheckpointArgs:
+    checkpoint_minutes: float = 30.0
+    """write a training checkpoint to `runs/{run_name}/checkpoints` once this many minutes have passed since the last (0: off)"""
     checkpoint_interval: int = 0
-    """write a training checkpoint every this many iterations to `runs/{run_name}/checkpoints` (0: only when stopped by a signal)"""
+    """also write a training checkpoint every this many iterations (0: off); a stop by a signal writes one too"""
     keep_checkpoints: int = 3
     """how many of the newest training checkpoints to keep"""
     resume: Optional[str] = None
@@ -196,11 +198,9 @@ class PerformanceArgs:
     memory_dtype: Literal[DTYPES] = "float32"
     """the dtype in which the cached memory of the rollout is stored: bfloat16 halves it"""
     encoder_dtype: Literal[DTYPES] = "float32"
-    """the dtype in which the observation encoder and the reconstruction decoder compute: bfloat16 (mixed precision,
-    torch.autocast) is about twice as fast on GPUs and on CPUs with AMX"""
+    """the dtype of the image encoder and decoder: bfloat16 (mixed precision) pays on GPUs and on CPUs with AMX"""
     compile: bool = False
-    """compile the rollout's policy step and the update's forward pass with torch.compile: faster once compiled,
-    which takes up to a minute at the start and needs a C++ compiler"""
+    """compile the rollout's step and the update's pass with torch.compile: a minute at the start, and a C++ compiler"""
 
 
 ARG_GROUPS = {
@@ -288,6 +288,12 @@ def check_args(args):
     for name in ("gamma", "gae_lambda"):
         if not 0 <= getattr(args, name) <= 1:
             fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must lie in [0, 1] (0.9 to 0.999 is usual)")
+    for name in ("init_lr", "clip_coef", "max_grad_norm", "target_kl"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must be positive")
+    for name in ("final_lr", "init_ent_coef", "final_ent_coef", "vf_coef", "reconstruction_coef", "anneal_steps"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must be 0 or positive")
     if args.num_steps % args.num_minibatches:
         fail(
             f"--num-minibatches {args.num_minibatches} does not divide --num-steps {args.num_steps}: every minibatch "
@@ -307,12 +313,10 @@ def check_args(args):
             f"--trxl-memory-length {args.trxl_memory_length} is below 1: a step attends to the last memory_length - 1 "
             "steps, and 1 (none) is the memoryless control"
         )
-    if args.reconstruction_coef < 0:
-        fail("--reconstruction-coef must be 0 (off) or positive")
     if args.compile and not cpp_compiler():
         fail("--compile needs a C++ compiler for torch.compile (g++, or the one $CXX names): install one or drop --compile")
-    if args.checkpoint_interval < 0 or args.keep_checkpoints < 1:
-        fail("--checkpoint-interval must be 0 (off) or positive, and --keep-checkpoints at least 1")
+    if args.checkpoint_interval < 0 or args.checkpoint_minutes < 0 or args.keep_checkpoints < 1:
+        fail("--checkpoint-interval and --checkpoint-minutes must be 0 (off) or positive, and --keep-checkpoints at least 1")
     task_settings(args.env_id, args.reset_params)
 
 
@@ -516,8 +520,9 @@ def in_subprocess(thunk):
     process of the terminal, and the trainer still steps the envs to finish its iteration before it stops them."""
 
     def worker_thunk():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if multiprocessing.parent_process() is not None:  # a worker, not the copy that AsyncVectorEnv makes here first
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return thunk()
 
     return worker_thunk
@@ -1166,12 +1171,13 @@ class Rollout:
         return compute_gae(self.rewards, self.values, episode_starts, next_value, next_episode_steps == 0, gamma, gae_lambda)
 
 
-def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_step=rollout_step):
+def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_step=rollout_step, on_step=None):
     """Steps every env num_steps times with the current policy, filling rollout.
 
     next_obs (E, *obs_shape) and next_episode_steps (E,) are where the envs stand; policy_step is rollout_step
-    or compiled_rollout_step(). Returns the same after the rollout, the bootstrap value of next_obs (E,), and the finished
-    episodes as (return, length, time), followed on MiniGrid Memory by whether the episode's view ever showed the cue.
+    or compiled_rollout_step(); on_step(s), if given, is called after every step s (and may raise to drop the rollout).
+    Returns the same after the rollout, the bootstrap value of next_obs (E,), and the finished episodes as (return,
+    length, time), followed on MiniGrid Memory by whether the episode's view ever showed the cue.
     """
     timeline, context = rollout.timeline, rollout.timeline.context
     device = next_obs.device
@@ -1204,6 +1210,8 @@ def collect_rollout(agent, envs, rollout, next_obs, next_episode_steps, policy_s
             finished_episodes.extend(zip(*columns))
         if timeline.cue_seen is not None:
             timeline.cue_seen &= ~next_done
+        if on_step is not None:
+            on_step(s)
 
     # The bootstrap value follows the same band rule as every rollout step
     next_value = policy_step(agent, timeline, encode(next_obs), next_episode_steps, rollout.obs.shape[1]).value
@@ -1426,6 +1434,43 @@ def parse_args():
     return args, {**checkpoint, "path": path}
 
 
+def restore(agent, optimizer, args, checkpoint, restore_rng):
+    """Loads a training checkpoint into agent and optimizer (and the random generators' states with restore_rng),
+    or stops with one line where its model does not fit the one that args build."""
+    if agent.transformer.memory_length != checkpoint["args"]["trxl_memory_length"]:
+        fail(
+            f"memory length {agent.transformer.memory_length} differs from the checkpoint's "
+            f"{checkpoint['args']['trxl_memory_length']}: resume with the same --trxl-memory-length"
+        )
+    mismatch = state_dict_mismatch(agent.state_dict(), checkpoint["model_weights"])
+    if mismatch:
+        differing = [
+            f"--{name.replace('_', '-')} {value} (the checkpoint's {checkpoint['args'].get(name)})"
+            for name, value in vars(args).items()
+            if name != "resume" and value != checkpoint["args"].get(name)
+        ]
+        fail(
+            f"this model does not fit the checkpoint's ({mismatch}): resume with the flags that built it; "
+            f"the flags that differ: {', '.join(differing) or 'none'}"
+        )
+    agent.load_state_dict(checkpoint["model_weights"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError:
+        fail(
+            f"the optimizer state in {checkpoint['path']} does not fit this ppo_trxl.py, which keeps one state per "
+            "parameter: resume it with the version that wrote it"
+        )
+    if restore_rng:
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        rng["numpy"]["state"]["key"] = np.array(rng["numpy"]["state"]["key"], dtype=np.uint32)
+        np.random.set_state(rng["numpy"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def state_dict_mismatch(expected, given):
     """'' when the state_dict `given` fits the model's `expected`, else a short account of what differs."""
     missing = [key for key in expected if key not in given]
@@ -1462,34 +1507,36 @@ def save_checkpoint(run_name, keep, **state):
     return path
 
 
-def restore_rng(rng):
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    rng["numpy"]["state"]["key"] = np.array(rng["numpy"]["state"]["key"], dtype=np.uint32)
-    np.random.set_state(rng["numpy"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+class RolloutStopped(Exception):
+    """A stop request, raised between two steps of a rollout: the rollout is dropped, and the model, the optimizer and
+    the step count are still those of the last iteration."""
 
 
 class StopSignals:
-    """Turns SIGTERM and SIGINT into a request to stop after the current iteration. Another one stops the run at once,
-    unless it comes within a second of the first: launchers such as torchrun and timeout pass on to their children a
-    signal that the children's whole process group got as well."""
+    """Turns SIGTERM and SIGINT into a request to stop, which the trainer answers at its next safe point: at once
+    while a single process steps its envs (the rollout under way is dropped), else when the iteration's update ends;
+    it then writes a checkpoint. Another signal stops the run at once, unless it comes within a second of the first:
+    launchers such as torchrun and timeout pass on to their children a signal that the children's whole process group
+    got as well. last_checkpoint, (path, step) or None, says what that second signal loses."""
 
-    def __init__(self, announce):
-        self.received, self.received_at, self.announce = None, None, announce
+    def __init__(self):
+        self.received, self.received_at, self.announce, self.last_checkpoint = None, None, True, None
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._request)
 
     def _request(self, signum, frame):
         name = signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         if self.received is None:
             self.received, self.received_at = name, time.monotonic()
             if self.announce:  # raw writes: a print here could land inside a print that the signal interrupted
-                again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-                os.write(sys.stdout.fileno(), f"\nstopping after this iteration; {again} again to stop now\n".encode())
+                os.write(sys.stdout.fileno(), f"\nstopping at the next safe point; {again} again to stop at once\n".encode())
         elif time.monotonic() - self.received_at > 1.0:
-            os.write(sys.stderr.fileno(), f"stopped at once by a second {name}: the iteration under way is lost\n".encode())
+            lost = "no checkpoint was written: all that this run trained is lost"
+            if self.last_checkpoint:
+                path, step = self.last_checkpoint
+                lost = f"what was trained after the last checkpoint, {path} (step {step}), is lost"
+            os.write(sys.stderr.fileno(), f"stopped at once by a second {name}: {lost}\n".encode())
             raise SystemExit(128 + signum)
 
 
@@ -1571,7 +1618,8 @@ def model_weights(agent):
 
 
 def linear_schedule(initial, final, anneal_steps, step):
-    return initial + (final - initial) * min(step / anneal_steps, 1.0)
+    """initial, annealed linearly to final over anneal_steps steps, then final; initial throughout if anneal_steps is 0."""
+    return initial + (final - initial) * min(step / anneal_steps, 1.0) if anneal_steps else initial
 
 
 def banner(args, observation_space, action_space_shape, agent, device, run_name, checkpoint):
@@ -1600,7 +1648,8 @@ def banner(args, observation_space, action_space_shape, agent, device, run_name,
     lines += [
         f"device {device}{cpu_fallback} | model {sum(p.numel() for p in agent.parameters()):,} parameters",
         memory,
-        f"{args.num_iterations:,} iterations x {iteration_steps:,} steps ({args.num_envs} envs x {args.num_steps} steps{ranks})"
+        f"{args.num_iterations:,} iteration{'s' if args.num_iterations > 1 else ''} x {iteration_steps:,} steps "
+        f"({args.num_envs} envs x {args.num_steps} steps{ranks})"
         f" = {total_steps:,} steps | learning rate and entropy coefficient annealed over {args.anneal_steps:,} steps",
     ]
     if total_steps != args.total_timesteps:
@@ -1614,10 +1663,52 @@ def banner(args, observation_space, action_space_shape, agent, device, run_name,
     return "\n".join(lines)
 
 
-def progress_bar(done, total, text, width=30):
-    """A console line that redraws itself (carriage return): a bar of done out of total, then text."""
-    filled = width * done // total
-    return f"\r[{'#' * filled}{'.' * (width - filled)}] {done / total:4.0%} | {text}"
+class Console:
+    """What rank 0 prints while it trains: a line per iteration, or with progress a tqdm bar over the run's steps.
+    Until the first line, every ten seconds or so, how far the rollout under way has come, and what the run would take
+    at its rate."""
+
+    def __init__(self, progress, batch_steps, total_steps, global_step):
+        self.batch_steps, self.total_steps, self.global_step = batch_steps, total_steps, global_step
+        self.bar = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True) if progress else None
+        self.taken, self.rollout_started, self.noted, self.lines = 0, None, None, 0
+
+    def rollout_step(self, steps):
+        """steps more steps of the rollout under way, those of every env of every rank."""
+        now = time.time()
+        self.rollout_started = self.rollout_started if self.taken else now
+        self.taken += steps
+        if self.bar is not None:
+            self.bar.update(steps)
+            return
+        done = self.taken == self.batch_steps
+        if not self.lines and now - self.rollout_started >= 2 and (done or self.noted is None or now - self.noted >= 10):
+            rate = self.taken / (now - self.rollout_started)
+            remaining = format_duration((self.total_steps - self.global_step) / rate)
+            print(
+                f"rollout {self.taken:,}/{self.batch_steps:,} steps at {rate:,.0f} steps/s: the run's "
+                f"{self.total_steps - self.global_step:,} steps would take {remaining} at this rate, more with the updates"
+                + ("; updating" if done else ""),
+                flush=True,
+            )
+            self.noted = now
+
+    def iteration_done(self, iteration, num_iterations, global_step, sps, episodes):
+        self.taken, self.global_step, self.lines = 0, global_step, self.lines + 1
+        remaining = format_duration((self.total_steps - global_step) / max(sps, 1))
+        if self.bar is not None:
+            self.bar.update(global_step - self.bar.n)
+            self.bar.set_postfix_str(f"{sps} SPS | {episodes}")
+        else:
+            print(
+                f"iteration {iteration}/{num_iterations} | step {global_step}/{self.total_steps} | {sps} SPS | {episodes}"
+                f" | remaining {remaining}",
+                flush=True,
+            )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def format_duration(seconds):
@@ -1628,13 +1719,21 @@ def format_duration(seconds):
 if __name__ == "__main__":
     args, checkpoint = parse_args()
     check_args(args)
+    stop = StopSignals()  # from now on a Ctrl-C is a request, which the trainer answers at its next safe point
     keep_freed_memory()
-    find_env_spec(args.env_id)
     rank, device = init_distributed(args)
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = gather(run_name)[0]  # rank 0's, should the ranks' clocks differ
+    stop.announce = rank == 0
     start_iteration = checkpoint["iteration"] + 1 if checkpoint else 1
     global_step = checkpoint["global_step"] if checkpoint else 0  # over all ranks
+    if start_iteration > args.num_iterations:
+        print(
+            f"{checkpoint['path']} finished the run's {args.num_iterations} iterations ({global_step:,} steps): nothing is "
+            "left to do; resume with a larger --total-timesteps to train on"
+        )
+        sys.exit(0)
+    # the run's folder, named by the env id without the module that registers it
+    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id.rpartition(':')[2]}__{args.exp_name}__{args.seed}"
+    run_name = gather(run_name if checkpoint else f"{run_name}__{int(time.time())}")[0]  # rank 0's clock
 
     # Seeding: each rank samples and steps its envs with its own seeds
     random.seed(args.seed + rank)
@@ -1647,35 +1746,11 @@ if __name__ == "__main__":
         args, run_name, args.seed + global_step + rank * args.num_envs, capture_video=args.capture_video and rank == 0
     )
     agent = Agent(args, observation_space, action_space_shape, max_episode_steps).to(device)
-    memory_length = agent.transformer.memory_length
-    if checkpoint:
-        if memory_length != checkpoint["args"]["trxl_memory_length"]:
-            fail(f"memory length {memory_length} differs from the checkpoint's {checkpoint['args']['trxl_memory_length']}")
-        mismatch = state_dict_mismatch(agent.state_dict(), checkpoint["model_weights"])
-        if mismatch:
-            differing = [
-                f"--{name.replace('_', '-')} {value} (the checkpoint's {checkpoint['args'].get(name)})"
-                for name, value in vars(args).items()
-                if name != "resume" and value != checkpoint["args"].get(name)
-            ]
-            fail(
-                f"this model does not fit the checkpoint's ({mismatch}): resume with the flags that built it; "
-                f"the flags that differ: {', '.join(differing) or 'none'}"
-            )
-        agent.load_state_dict(checkpoint["model_weights"])
-    saved_args = {**vars(args), "trxl_memory_length": memory_length}
     parameters = list(agent.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=args.init_lr, fused=True)
     if checkpoint:
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError:
-            fail(
-                f"the optimizer state in {checkpoint['path']} does not fit this ppo_trxl.py, which keeps one state per "
-                "parameter: resume it with the version that wrote it"
-            )
-        if rank == 0:
-            restore_rng(checkpoint["rng"])
+        restore(agent, optimizer, args, checkpoint, restore_rng=rank == 0)
+    saved_args = {**vars(args), "trxl_memory_length": agent.transformer.memory_length}
     # Under torchrun the update goes through DistributedDataParallel, which starts every rank from rank 0's
     # parameters and averages the gradients of every minibatch across ranks
     learner = (
@@ -1687,8 +1762,10 @@ if __name__ == "__main__":
     rollout = Rollout(
         args, observation_space, len(action_space_shape), agent.transformer, device, is_minigrid_memory(args.env_id)
     )
+    total_steps = args.num_iterations * args.batch_size * world_size()
     if rank == 0:
         print(banner(args, observation_space, action_space_shape, agent, device, run_name, checkpoint), flush=True)
+        console = Console(args.progress, args.batch_size * world_size(), total_steps, global_step)
 
     # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
     wandb_id = checkpoint.get("wandb_id") if checkpoint else None
@@ -1709,18 +1786,38 @@ if __name__ == "__main__":
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
         if not checkpoint:
             writer.add_text(
-                "hyperparameters",
-                "|param|value|\n|-|-|\n%s" % ("\n".join([f"|{key}|{value}|" for key, value in saved_args.items()])),
+                "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in saved_args.items())
             )
+
+    def write_checkpoint(iteration):
+        """A training checkpoint of the run as it stands after iteration, and its step (rank 0)."""
+        path = save_checkpoint(
+            run_name,
+            args.keep_checkpoints,
+            model_weights=model_weights(agent),
+            args=saved_args,
+            optimizer=optimizer.state_dict(),
+            global_step=global_step,
+            iteration=iteration,
+            wandb_id=wandb_id,
+        )
+        return path, global_step
+
+    def on_rollout_step(s):
+        """After every step of a rollout: a stop request drops the rollout in a single process, where nothing else
+        waits for it; rank 0 shows the rollout's progress."""
+        if stop.received and world_size() == 1:
+            raise RolloutStopped
+        if rank == 0:
+            console.rollout_step(args.num_envs * world_size())
 
     next_obs = torch.as_tensor(next_obs, device=device)
     next_episode_steps = torch.zeros(args.num_envs, dtype=torch.long, device=device)  # (E,) episode step of next_obs
     episode_infos = deque(maxlen=100)
-    last_checkpoint = checkpoint and checkpoint["path"]
     stopping = None  # the signal that all ranks agreed to stop on
-    stop = StopSignals(announce=rank == 0)
-    total_steps = args.num_iterations * args.batch_size * world_size()
-    start_time, start_step = time.time(), global_step
+    stop.last_checkpoint = checkpoint and (checkpoint["path"], global_step)
+    checkpoint_time = start_time = time.time()
+    start_step = global_step
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         learning_rate = linear_schedule(args.init_lr, args.final_lr, args.anneal_steps, global_step)
@@ -1728,9 +1825,15 @@ if __name__ == "__main__":
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate
 
-        next_obs, next_episode_steps, next_value, finished_episodes = collect_rollout(
-            agent, envs, rollout, next_obs, next_episode_steps, policy_step
-        )
+        try:
+            next_obs, next_episode_steps, next_value, finished_episodes = collect_rollout(
+                agent, envs, rollout, next_obs, next_episode_steps, policy_step, on_rollout_step
+            )
+        except RolloutStopped:  # the model, the optimizer and the step count are those of the last iteration
+            stopping, iteration = stop.received, iteration - 1
+            if iteration >= start_iteration:
+                stop.last_checkpoint = write_checkpoint(iteration)
+            break
         global_step += args.batch_size * world_size()
         advantages = rollout.advantages(next_value, next_episode_steps, args.gamma, args.gae_lambda)
         returns = advantages + rollout.values
@@ -1756,15 +1859,18 @@ if __name__ == "__main__":
             metrics = {name: torch.stack(values).mean() for name, values in metrics.items()}
             metrics["episode/advantage_mean"] = advantages.mean()
             metrics["episode/value_mean"] = y_pred.mean()
-            metrics["losses/explained_variance"] = 1 - (y_true - y_pred).var() / y_true.var()
+            # 0 where the returns do not vary (a sparse reward before its first success): the value explains nothing
+            variance = y_true.var()
+            metrics["losses/explained_variance"] = torch.where(variance > 0, 1 - (y_true - y_pred).var() / variance, 0.0)
             scalars = dict(zip(metrics, mean_over_ranks(torch.stack(list(metrics.values()))).tolist()))
         if not (math.isfinite(scalars["losses/loss"]) and all(p.isfinite().all() for p in parameters)):
             envs.close()
             if rank == 0:
                 writer.close()  # the earlier iterations' logs
+            last = f"{stop.last_checkpoint[0]}" if stop.last_checkpoint else "none (see --checkpoint-minutes)"
             fail(
                 f"the loss or the parameters became non-finite at iteration {iteration} (step {global_step}); "
-                f"nothing of it was saved. The last good checkpoint: {last_checkpoint or 'none (see --checkpoint-interval)'}"
+                f"nothing of it was saved. The last good checkpoint: {last}"
             )
         finished_by_rank, signals = zip(*gather((finished_episodes, stop.received)))
         for finished in finished_by_rank:
@@ -1781,40 +1887,24 @@ if __name__ == "__main__":
                 scalars.update({"charts/episodic_return": r_mean, "charts/episodic_length": l_mean})
             for name, scalar in scalars.items():
                 writer.add_scalar(name, scalar, global_step)
-            progress = f"return {r_mean:.2f} | length {l_mean:.1f}" if episode_infos else "no episode finished yet"
-            eta = format_duration((total_steps - global_step) / max(sps, 1))
-            if args.progress:
-                print(progress_bar(global_step, total_steps, f"{sps} SPS | {progress} | remaining {eta}"), end="", flush=True)
-            else:
-                print(
-                    f"iteration {iteration}/{args.num_iterations} | step {global_step}/{total_steps} | {sps} SPS | {progress}"
-                    f" | remaining {eta}",
-                    flush=True,
-                )
+            episodes = f"return {r_mean:.2f} | length {l_mean:.1f}" if episode_infos else "no episode finished yet"
+            console.iteration_done(iteration, args.num_iterations, global_step, sps, episodes)
 
-            if stopping or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
-                last_checkpoint = save_checkpoint(
-                    run_name,
-                    args.keep_checkpoints,
-                    model_weights=model_weights(agent),
-                    args=saved_args,
-                    optimizer=optimizer.state_dict(),
-                    global_step=global_step,
-                    iteration=iteration,
-                    learning_rate=learning_rate,
-                    ent_coef=ent_coef,
-                    wandb_id=wandb_id,
-                )
+            minutes = (time.time() - checkpoint_time) / 60
+            due = args.checkpoint_minutes and minutes >= args.checkpoint_minutes
+            if stopping or due or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
+                stop.last_checkpoint, checkpoint_time = write_checkpoint(iteration), time.time()
         if stopping:
-            if rank == 0:
-                print(
-                    f"{os.linesep if args.progress else ''}stopped by {stopping} at step {global_step}; "
-                    f"resume with: {launcher()} ppo_trxl.py --resume runs/{run_name}"
-                )
             break
-    if rank == 0 and args.progress and not stopping:
-        print()
 
+    if rank == 0:
+        console.close()
+        if stopping:
+            if stop.last_checkpoint:
+                step = stop.last_checkpoint[1]
+                print(f"stopped by {stopping} at step {step}; resume with: {launcher()} ppo_trxl.py --resume runs/{run_name}")
+            else:
+                print(f"stopped by {stopping} before the first iteration ended: nothing was trained or saved")
     digests = gather(parameters_digest(agent))
     if world_size() > 1:
         print(f"rank {rank}: parameters {digests[rank]}\n", end="", flush=True)  # one write, so ranks' lines stay whole

@@ -187,7 +187,7 @@ def main():
     actions = torch.stack([torch.randint(0, n, (E, queries)) for n in branches], dim=-1)
 
     attention = {}
-    agent.transformer.register_forward_pre_hook(lambda _, inputs: attention.update(memory=inputs[1], allowed=inputs[2]))
+    agent.transformer.register_forward_pre_hook(lambda _, inputs: attention.update(memory=inputs[2], allowed=inputs[3]))
     saved = SavedTensors(agent)
     forward_backward = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

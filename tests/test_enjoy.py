@@ -328,3 +328,10 @@ def test_player_acts_as_the_published_model_given_the_windows_of_the_rule(traine
         expected_by_age[:, C - ages] = torch.stack([w[0].mean(0)[: min(t, C)] for w in published_weights])
         torch.testing.assert_close(by_age, expected_by_age, equal_nan=True)
     assert player.timeline.steps[0, C + player.s - 1] == steps - 1  # in the timeline's sixth stretch of 5 steps
+
+
+def test_help_says_what_it_does_with_examples():
+    result = subprocess.run([sys.executable, str(ROOT / "enjoy.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Watch and evaluate a trained PPO-TrXL agent" in result.stdout
+    assert "python enjoy.py --hub --name Endless-MortarMayhem-v0_12.nn" in result.stdout

@@ -187,8 +187,12 @@ def test_resume_of_a_finished_run_trains_nothing(resumed, start, tmp_path_factor
     cwd = copy_run(finished, tmp_path_factory, "resume-finished")
     again = start(["--resume", f"runs/{finished.run_dir.name}"], cwd).finish()
     assert again.returncode == 0, f"stdout:\n{again.stdout}\nstderr:\n{again.stderr}"
-    assert "Traceback" not in again.stderr, again.stderr
-    assert not again.iteration_lines, again.stdout
+    assert not again.stderr, again.stderr
+    newest = f"runs/{finished.run_dir.name}/checkpoints/step-{BATCH * KILL_ITERATIONS:012d}.pt"
+    assert again.stdout.splitlines() == [
+        f"{newest} finished the run's {KILL_ITERATIONS} iterations ({BATCH * KILL_ITERATIONS:,} steps): nothing is left "
+        "to do; resume with a larger --total-timesteps to train on"
+    ]
     assert [path.name for path in checkpoints(again.run_dir)] == before
     assert scalar_steps(again) == [BATCH * i for i in range(1, KILL_ITERATIONS + 1)]
 
@@ -210,7 +214,7 @@ def test_resume_with_another_batch_size_keeps_the_step_budget(killed, start, tmp
     assert run.iterations()[-1][2:] == (total, total), run.stdout
 
 
-# 2. SIGTERM and SIGINT: finish the iteration, write a checkpoint, say how to resume
+# 2. SIGTERM and SIGINT: stop at the next safe point, write a checkpoint, say how to resume
 
 SIGNAL_ITERATIONS = 12
 
@@ -256,13 +260,12 @@ def test_signal_stops_cleanly_with_a_checkpoint(signalled, stop):
     assert "Traceback" not in run.stderr, run.stderr
     name, step, run_dir = STOP_LINE.match(run.stdout.splitlines()[-1]).groups()
     assert name == ["SIGTERM", "SIGINT"][stop]
-    # said at once, before the iteration under way ended
-    announced = run.stdout.splitlines().index(
-        f"stopping after this iteration; {['SIGTERM', 'Ctrl-C'][stop]} again to stop now"
-    )
-    assert run.stdout.splitlines()[announced + 1].startswith("iteration ")
+    # said at once; then the iteration under way ends (a signal in its update) or is dropped (in its rollout)
+    lines = run.stdout.splitlines()
+    announced = lines.index(f"stopping at the next safe point; {['SIGTERM', 'Ctrl-C'][stop]} again to stop at once")
+    assert lines[announced + 1].startswith(("iteration ", "stopped by ")), lines[announced:]
     assert run_dir == f"runs/{run.run_dir.name}"
-    # the iteration under way when the signal came is finished and is the last one
+    # the checkpoint holds the last iteration that ended
     assert run.iterations()[-1][2] == int(step)
     paths, model_exists, no_temporary = saved[stop]
     assert len(paths) == stop + 1, paths
@@ -293,13 +296,14 @@ def test_resume_after_signals_finishes(signalled):
 def test_signal_to_the_group_with_async_envs_stops_cleanly(start, signum):
     """A terminal's Ctrl-C, or Slurm's scancel, signals every process of the group, the envs' subprocesses too. An env
     sends it at its 40th step, in the middle of iteration 2's rollout (32 steps an env): the subprocesses leave it to
-    the trainer, which steps them to the end of that iteration and stops with a checkpoint."""
+    the trainer, which drops that rollout at its next step and stops with a checkpoint of iteration 1."""
     flags = tiny("tests.signal_env:SignalGroup-v0", "async-envs", total_timesteps=SIGNAL_ITERATIONS * BATCH)
     run = start(flags, f"group-{signum.name}", SIGNAL_GROUP_WITH=signum.name).finish()
     assert run.returncode == 128 + signum and "Traceback" not in run.stderr, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
     assert (run.cwd / "signal-sent").exists()
-    assert STOP_LINE.match(run.stdout.splitlines()[-1]).groups()[:2] == (signum.name, str(2 * BATCH)), run.stdout
-    assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{2 * BATCH:012d}.pt"]
+    assert STOP_LINE.match(run.stdout.splitlines()[-1]).groups()[:2] == (signum.name, str(BATCH)), run.stdout
+    assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{BATCH:012d}.pt"]
+    assert run.iterations() == [(1, SIGNAL_ITERATIONS, BATCH, SIGNAL_ITERATIONS * BATCH)]
 
 
 def test_two_signals_at_once_are_one_request(start):
@@ -315,20 +319,38 @@ def test_two_signals_at_once_are_one_request(start):
     assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{step:012d}.pt"]
 
 
+def test_a_signal_in_a_rollout_stops_it_at_once(start):
+    """Ctrl-C in the middle of a long rollout (16,384 steps an env) drops it at the next step: a checkpoint of the
+    last iteration, long before the rollout would have ended; and in the first rollout, nothing to save."""
+    flags = tiny("ProofofMemory-v0", num_steps=16384, num_minibatches=1, total_timesteps=4 * 2 * 16384)
+    for cwd, stopped in (("first-rollout", "before the first iteration ended"), ("second-rollout", "at step 32768")):
+        training = start(flags if cwd == "first-rollout" else flags + ["--update-epochs", "1"], cwd)
+        training.wait_for("rollout " if cwd == "first-rollout" else "iteration 1/")
+        signalled = time.time()
+        training.signal(signal.SIGINT)
+        run = training.finish()
+        assert run.returncode == 130 and not run.stderr, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+        assert time.time() - signalled < 5, "the rollout was not dropped"
+        assert f"stopped by SIGINT {stopped}" in run.stdout.splitlines()[-1]
+        saved = [path.name for path in checkpoints(run.run_dir)]
+        assert saved == ([] if cwd == "first-rollout" else ["step-000000032768.pt"]), saved
+
+
 def test_a_second_signal_later_stops_at_once(start):
-    """Ctrl-C, then Ctrl-C again more than a second later, inside a long iteration (8,192 steps an env): the run stops
-    at once, says so in one line, and writes no checkpoint."""
-    steps = 8192
-    training = start(tiny("ProofofMemory-v0", num_steps=steps, total_timesteps=4 * 2 * steps), "twice")
-    training.wait_for("iteration 1/")
+    """Ctrl-C during an update, which ends before the trainer stops, then Ctrl-C again more than a second later: the
+    run stops at once and says in one line what is lost."""
+    flags = tiny("ProofofMemory-v0", num_steps=8192, num_minibatches=1, update_epochs=64, total_timesteps=4 * 2 * 8192)
+    training = start(flags, "twice")
+    training.wait_for("rollout 16,384/16,384 ")  # the first rollout's last note: the update follows
     training.signal(signal.SIGINT)
     time.sleep(1.5)
     training.signal(signal.SIGINT)
     run = training.finish()
     assert run.returncode == 130, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
-    assert run.stderr.strip().splitlines() == ["stopped at once by a second SIGINT: the iteration under way is lost"]
-    assert run.stdout.splitlines()[-1] == "stopping after this iteration; Ctrl-C again to stop now"
-    assert not (run.run_dir / "checkpoints").exists()
+    lost = "stopped at once by a second SIGINT: no checkpoint was written: all that this run trained is lost"
+    assert run.stderr.strip().splitlines() == [lost]
+    assert run.stdout.splitlines()[-1] == "stopping at the next safe point; Ctrl-C again to stop at once"
+    assert not run.iteration_lines and not (run.run_dir / "checkpoints").exists()
 
 
 # 3. A non-finite loss, forced by an env whose rewards turn to NaN in iteration 4

@@ -312,17 +312,52 @@ def test_pom_banner_says_what_the_run_will_do(pom_run):
 
 
 def test_progress_bar_replaces_the_iteration_lines(train):
-    """--progress: one line redrawn by carriage returns, and a budget rounded down to whole iterations is said once."""
+    """--progress: tqdm's bar over the run's steps (on stderr) instead of the iteration lines, and a budget rounded
+    down to whole iterations is said once."""
     run = train("progress", tiny("ProofofMemory-v0", "progress", total_timesteps=200)).check()
     assert not run.iteration_lines
     assert "--total-timesteps 200 is rounded down to whole iterations: 192 steps" in run.stdout.splitlines()
-    bar = [line for line in run.stdout.splitlines() if line.startswith("[")]  # text mode reads each \r as a line end
-    assert [state.split(" | ")[0] for state in bar] == [
-        "[##########....................]  33%",
-        "[####################..........]  67%",
-        "[##############################] 100%",
-    ]
-    assert run.stdout.endswith("remaining 0:00:00\n")
+    states = run.stderr.replace("\r", "\n").splitlines()
+    assert any(re.match(r"^100%\|.*\| 192/192 \[", state) for state in states), run.stderr
+    assert any("SPS | return" in state for state in states), run.stderr
+
+
+def test_the_first_rollout_reports_its_progress(train):
+    """Until the first iteration ends, a rollout that takes more than two seconds says how far it has come and what the
+    whole run would take at its rate; its last note says that the update follows."""
+    # the default model, slow enough a rollout of 4 envs x 2,048 steps to take several seconds on two cores
+    flags = command_line(
+        dict(env_id="MortarMayhem-Grid-v0", num_envs=4, num_steps=2048, total_timesteps=8192, update_epochs=1)
+    )
+    run = train("first-rollout", flags).check()
+    lines = run.stdout.splitlines()
+    first_iteration = next(i for i, line in enumerate(lines) if line.startswith("iteration 1/"))
+    notes = [line for line in lines[:first_iteration] if line.startswith("rollout ")]
+    pattern = r"rollout ([\d,]+)/8,192 steps at [\d,]+ steps/s: the run's 8,192 steps would take \d+:\d\d:\d\d at this rate, more with the updates"
+    assert notes and all(re.fullmatch(pattern + "(; updating)?", note) for note in notes), notes
+    assert notes[-1].startswith("rollout 8,192/8,192 ") and notes[-1].endswith("; updating"), notes
+
+
+def test_memory_clipped_to_the_episode_limit_is_said(train):
+    run = train("clipped-memory", tiny("ProofofMemory-v0", trxl_memory_length=500, total_timesteps=64)).check()
+    line = "memory length 16: every step attends to up to 15 earlier steps of its episode"
+    assert f"{line} (--trxl-memory-length 500 clipped to the episode limit 16)" in run.stdout.splitlines()
+    assert "1 iteration x 64 steps (2 envs x 32 steps) = 64 steps" in run.stdout
+
+
+def test_zero_anneal_steps_keep_the_coefficients_constant(train):
+    """--anneal-steps 0 means no annealing, as it did in the earlier implementation."""
+    run = train("no-annealing", tiny("ProofofMemory-v0", anneal_steps=0, init_lr=3e-4, init_ent_coef=0.01)).check()
+    scalars = run.scalars()
+    assert [value for _, value in scalars["charts/learning_rate"]] == pytest.approx([3e-4, 3e-4])
+    assert [value for _, value in scalars["charts/entropy_coefficient"]] == pytest.approx([0.01, 0.01])
+
+
+def test_explained_variance_of_returns_that_do_not_vary(train):
+    """Rollouts in which no reward comes (the corridor pays at its 3,500th step), with gamma 0, have returns that are
+    all 0: their explained variance is logged as 0, not as a division by zero."""
+    run = train("no-reward", tiny("tests.endless_env:EndlessCorridor-v0", gamma=0)).check()
+    assert run.scalars()["losses/explained_variance"] == [(64, 0.0), (128, 0.0)]
 
 
 def test_help_groups_the_flags_under_their_flat_names():
@@ -337,7 +372,7 @@ def test_help_groups_the_flags_under_their_flat_names():
         at = text.index(f" {flag} ", positions[0])  # the example above the groups names flags too
         following = positions[groups.index(group) + 1 :] + [len(text)]
         assert positions[groups.index(group)] < at < following[0] and f"--{group}." not in text
-    assert "{absolute,learned,none,}" in text and "{float32,bfloat16}" in text
+    assert "{absolute,learned,rotary,none}" in text and "{float32,bfloat16}" in text and ",}" not in text
     assert "if toggled" not in text
 
 
@@ -602,7 +637,7 @@ def test_save_model_checkpoint(trxl, saved_model):
         assert torch.isfinite(tensor).all()
 
 
-@pytest.mark.parametrize("encoding", ["learned", "absolute", "none", ""])
+@pytest.mark.parametrize("encoding", ["learned", "absolute", "none"])
 def test_positional_encoding_in_saved_model(trxl, saved_model, encoding):
     checkpoint = saved_model(encoding).checkpoint()
     weights = checkpoint["model_weights"]
@@ -616,12 +651,19 @@ def test_positional_encoding_in_saved_model(trxl, saved_model, encoding):
         np.testing.assert_allclose(weights["transformer.pos_embedding.inv_freqs"].numpy(), inv_freqs, rtol=1e-6)
     else:
         assert "transformer.pos_embedding.inv_freqs" not in weights
-    if encoding in ("none", ""):
+    if encoding == "none":
         assert not [key for key in weights if key.startswith("transformer.pos_embedding")]
 
     agent, _ = load_agent(trxl, checkpoint, gym.spaces.Box(-1.0, 1.0, (3,), np.float32), POM_LIMIT)
-    _, log_probs, entropy, value, _ = act_on_batch(agent, checkpoint["args"], torch.rand(4, 3) * 2 - 1)
+    obs = torch.rand(4, 3) * 2 - 1
+    torch.manual_seed(0)  # the memory that act_on_batch draws
+    _, log_probs, entropy, value, _ = act_on_batch(agent, checkpoint["args"], obs)
     assert torch.isfinite(log_probs).all() and torch.isfinite(entropy).all() and torch.isfinite(value).all()
+    if encoding == "none":  # published files write none as "": the same model
+        published = {**checkpoint, "args": {**checkpoint["args"], "trxl_positional_encoding": ""}}
+        published_agent, _ = load_agent(trxl, published, gym.spaces.Box(-1.0, 1.0, (3,), np.float32), POM_LIMIT)
+        torch.manual_seed(0)
+        torch.testing.assert_close(act_on_batch(published_agent, published["args"], obs)[3], value)
 
 
 # 6. Videos
@@ -712,7 +754,7 @@ def test_episodes_past_three_episode_limits(train_env, tmp_path, encoding):
     run = launch.finish().check()
     assert late - early < 8, f"resident memory grew from {early:.0f} MiB to {late:.0f} MiB"
     assert len(run.iteration_lines) == 8
-    assert run.run_dir.name.startswith("tests.endless_env:EndlessCorridor-v0__ppo_trxl__1__")
+    assert run.run_dir.name.startswith("EndlessCorridor-v0__ppo_trxl__1__")  # without the module and its colon
     scalars = run.scalars()
     assert scalars["episode/l_mean"] == [(7 * 2 * 512, 3500.0), (8 * 2 * 512, 3500.0)]
     assert scalars["episode/r_mean"][-1] == (8 * 2 * 512, 1.0)
@@ -797,11 +839,18 @@ BAD_INPUTS = {
     "heads": (tiny("ProofofMemory-v0", trxl_dim=30, trxl_num_heads=4), "divisible"),
     "memory-length": (tiny("ProofofMemory-v0", trxl_memory_length=0), "--trxl-memory-length 0 is below 1"),
     "reconstruction-on-vectors": (tiny("ProofofMemory-v0", reconstruction_coef=0.1), "reconstruction-coef"),
+    "odd-rotary-heads": (
+        tiny("ProofofMemory-v0", trxl_positional_encoding="rotary", trxl_dim=30, trxl_num_heads=2),
+        "--trxl-positional-encoding rotary turns pairs of a head's features",
+    ),
     "minibatches": (tiny("ProofofMemory-v0", num_minibatches=3), "num-minibatches"),
     "less-than-a-batch": (tiny("ProofofMemory-v0", total_timesteps=63), "total-timesteps"),
     "negative-envs": (tiny("ProofofMemory-v0", num_envs=-4), "--num-envs is -4: it must be at least 1"),
     "gamma": (tiny("ProofofMemory-v0", gamma=1.5), "--gamma is 1.5: it must lie in [0, 1]"),
     "gae-lambda": (tiny("ProofofMemory-v0", gae_lambda=-0.1), "--gae-lambda is -0.1: it must lie in [0, 1]"),
+    "learning-rate": (tiny("ProofofMemory-v0", init_lr=-3e-4), "--init-lr is -0.0003: it must be positive"),
+    "anneal-steps": (tiny("ProofofMemory-v0", anneal_steps=-1), "--anneal-steps is -1: it must be 0 or positive"),
+    "entropy": (tiny("ProofofMemory-v0", final_ent_coef=-1e-3), "--final-ent-coef is -0.001: it must be 0 or positive"),
     "discrete-observations": (tiny("FrozenLake-v1"), "observation space"),
     "settings-not-json": (tiny("MortarMayhem-Grid-v0", reset_params="command_count=3"), "is not a JSON object"),
     "settings-unknown-key": (
@@ -838,7 +887,8 @@ def test_bad_input(train, case):
 CHOICES = {
     "encoder_dtype": ("float16", "('float32', 'bfloat16')"),
     "memory_dtype": ("float16", "('float32', 'bfloat16')"),
-    "trxl_positional_encoding": ("bogus", "('absolute', 'learned', 'none', '')"),
+    "trxl_positional_encoding": ("bogus", "('absolute', 'learned', 'rotary', 'none')"),
+    "trxl_gate": ("lstm", "('none', 'gru')"),
 }
 
 
