@@ -1,39 +1,49 @@
 """Learning curves and a results table from the tensorboard logs of finished PPO-TrXL runs.
 
-    python benchmark/plot.py runs --output benchmark/results.png
+    python benchmark/plot.py runs                                            # results.png in this folder
     python benchmark/plot.py runs --against ../other-implementation/runs     # two sets of runs side by side
     python benchmark/plot.py runs --exp-name ppo_trxl --against my_variant  # two exp_names of one folder
 
 A run is a folder `{env_id}__{exp_name}__{seed}__{time}` holding `events.out.tfevents.*`, anywhere under the
-given folder. Runs are grouped by env id (one panel each) and setting (one curve each): the exp_name and the
-configuration, the hyperparameters that the trainer logs to tensorboard except those that do not change what is
-learnt (seed, budget, logging, checkpoints, speed). Settings that share an exp_name are labelled with the
-hyperparameters in which they differ; the folder joins the label when two folders are compared. A curve is the
-mean over seeds of the tag, every seed interpolated to a common grid of steps that all of them reached; the band
-is the min/max (or +- std) over seeds.
+given folder. Runs are grouped by env id (one panel each) and, within an env, by setting (one curve each): the
+exp_name and the configuration, the hyperparameters that the trainer logs to tensorboard except those that do not
+change what is learnt (seed, budget, logging, checkpoints, speed). A setting is labelled with its exp_name and the
+hyperparameters in which it differs from the other settings of that exp_name in the same env (never env_id, nor the
+batch sizes that follow from other flags); when two folders are compared, the shortest end of each folder's path
+that tells them apart joins the exp_name. Each panel has a legend of its own below it, long labels wrapped. A curve
+is the mean over seeds of the tag, every seed interpolated to a common grid of steps that all of them reached; the
+band is the min/max (or +- std) over seeds.
 
 Warnings name what would otherwise be pooled silently: a seed run twice in one setting (the newest run counts),
 runs of one setting with different budgets (--total-timesteps), and runs that stopped before their budget.
 
-The table gives, per env and setting:
-- final: the last logged value of each seed (episode/r_mean already averages the last 100 episodes),
-  mean +- std over seeds (population std, ddof 0), with the number of seeds;
-- IQM: the interquartile mean (the mean of the middle 50%) of the last K logged values of every seed
-  pooled together, seeds x final points, as in rliable. Consecutive r_mean values share episodes, so the
-  K points of a seed are not independent samples.
+The table has a row per env and setting. Its scores are each seed's last logged value of the tag (episode/r_mean
+already averages the last 100 episodes, so that is the seed's final return); every env is a task of its own, never
+pooled with another, since returns of different envs are on different scales.
+- final: mean +- std over seeds (population std, ddof 0), as the published results are given;
+- IQM: rliable's interquartile mean over seeds (Agarwal et al. 2021: the mean of the middle 50%; below 4 seeds
+  nothing is cut, so it is the mean) with its 95% stratified-bootstrap confidence interval, percentile method,
+  BOOTSTRAP_REPS resamples seeded with BOOTSTRAP_SEED afresh for every row, so that a row does not change when
+  other runs are added. One seed gives an interval of one point;
+- published: the final return of the earlier implementation, mean +- std over 3 seeds (episode/r_mean only).
+A setting whose label is long is named in the table by its exp_name and a number, and the lines below the table give
+the label that each number stands for.
 """
 
 import argparse
 import math
 import os
 import re
+import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from rliable import library, metrics  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
 PUBLISHED = {  # REFERENCE.md section 4: final return, mean +- std over 3 seeds
@@ -47,6 +57,10 @@ PUBLISHED = {  # REFERENCE.md section 4: final return, mean +- std over 3 seeds
     "Endless-SearingSpotlights-v0": (1.60, 0.03),
 }
 RUN_NAME = re.compile(r"^(?P<env_id>.+?)__(?P<exp_name>.+)__(?P<seed>\d+)__(?P<time>\d+)$")
+BOOTSTRAP_REPS = 2000  # about 0.2 s a row; another BOOTSTRAP_SEED moves the ends of an interval by a few % of its width
+BOOTSTRAP_SEED = 0
+LEGEND_WIDTH = 40  # characters on a line of a curve's label in the plot; longer labels wrap
+TABLE_LABEL_WIDTH = 40
 
 
 NOT_CONFIGURATION = {
@@ -69,6 +83,9 @@ NOT_CONFIGURATION = {
     "resume",
 }
 """Logged hyperparameters that do not change what a run learns: runs that differ only in these are one setting."""
+DERIVED = {"batch_size", "minibatch_size"}
+"""Logged hyperparameters that the trainer computes from others (num_envs, num_steps, num_minibatches): labels leave
+them out."""
 
 
 @dataclass
@@ -85,6 +102,22 @@ class Run:
     @property
     def configuration(self):
         return tuple(sorted((key, value) for key, value in self.hyperparameters.items() if key not in NOT_CONFIGURATION))
+
+
+@dataclass
+class Setting:
+    """The runs of one env with one exp_name (and folder, when two are compared) and one configuration."""
+
+    env_id: str
+    name: str
+    """the exp_name, followed by the folder's short name when two folders are compared"""
+    flags: tuple
+    """`key=value` of the hyperparameters in which it differs from the env's other settings of the same name"""
+    runs: list
+
+    @property
+    def label(self):
+        return f"{self.name} {', '.join(self.flags)}" if self.flags else self.name
 
 
 def hyperparameters(accumulator):
@@ -118,62 +151,81 @@ def find_runs(directory, tag):
     return sorted(runs, key=lambda run: (run.env_id, run.exp_name, run.seed))
 
 
-def settings_of(runs, folder=None):
-    """{label: runs}: the runs grouped by exp_name and configuration. A label is the exp_name, followed by the
-    hyperparameters in which its configuration differs from the others of the same exp_name and env, and by the
-    folder if given."""
-    by_setting = {}
-    for run in runs:
-        by_setting.setdefault((run.exp_name, run.configuration), []).append(run)
-    labels = {}
-    for (exp_name, configuration), setting_runs in by_setting.items():
-        others = [other for name, other in by_setting if name == exp_name and other != configuration]
-        own = dict(configuration)
-        differing = sorted(
-            {key for other in others for key in own.keys() | dict(other).keys() if own.get(key) != dict(other).get(key)}
-        )
-        label = exp_name + (" (" + ", ".join(f"{key}={own.get(key, '-')}" for key in differing) + ")" if differing else "")
-        labels[label + (f" ({folder})" if folder else "")] = setting_runs
-    return labels
+def folder_names(first, second):
+    """The shortest ends of two different folders' absolute paths that tell them apart: ('runs', 'other')."""
+    parts = [Path(os.path.abspath(folder)).parts for folder in (first, second)]
+    for length in range(1, max(map(len, parts)) + 1):
+        ends = [os.path.join(*folder_parts[-length:]) for folder_parts in parts]
+        if ends[0] != ends[1]:
+            return ends
 
 
-def warn_about(label, runs):
+def differing(configuration, others):
+    """`key=value` for every hyperparameter whose value in configuration differs from its value in any of others."""
+    own = dict(configuration)
+    keys = set()
+    for other in map(dict, others):
+        keys |= {key for key in own.keys() | other.keys() if own.get(key) != other.get(key)}
+    return tuple(f"{key}={own.get(key, '-')}" for key in sorted(keys - DERIVED))
+
+
+def panels_of(folders):
+    """{env_id: [Setting]} from [(folder's short name or None, runs)]: envs sorted, then settings folder by folder,
+    each folder's sorted by exp_name and configuration."""
+    by_env = {}
+    for folder, runs in folders:
+        by_setting = {}
+        for run in runs:
+            by_setting.setdefault((run.env_id, run.exp_name, run.configuration), []).append(run)
+        for (env_id, exp_name, configuration), setting_runs in sorted(by_setting.items()):
+            name = f"{exp_name} ({folder})" if folder else exp_name
+            by_env.setdefault(env_id, {})[name, configuration] = setting_runs
+    panels = {}
+    for env_id in sorted(by_env):
+        settings = by_env[env_id]
+        panels[env_id] = []
+        for (name, configuration), runs in settings.items():
+            same_name = [other for other_name, other in settings if other_name == name]
+            panels[env_id].append(Setting(env_id, name, differing(configuration, same_name), runs))
+    return panels
+
+
+def warn_about(setting):
     """Warnings for one setting's runs: seeds run twice (only the newest is kept), budgets that differ, runs that
     stopped before their budget. Returns the runs to pool."""
+    label, env_id = setting.label, setting.env_id
     newest = {}
-    for run in sorted(runs, key=lambda run: (run.env_id, run.time)):
-        if (run.env_id, run.seed) in newest:
+    for run in sorted(setting.runs, key=lambda run: run.time):
+        if run.seed in newest:
             print(
-                f"warning: {label}: seed {run.seed} of {run.env_id} was run twice; using {run.path}, not {newest[run.env_id, run.seed].path}"
+                f"warning: {label}: seed {run.seed} of {env_id} was run twice; using {run.path}, not {newest[run.seed].path}"
             )
-        newest[run.env_id, run.seed] = run
-    kept = sorted(newest.values(), key=lambda run: (run.env_id, run.seed))
-    for env_id in sorted({run.env_id for run in kept}):
-        env_runs = [run for run in kept if run.env_id == env_id]
-        budgets = sorted({run.hyperparameters.get("total_timesteps", "?") for run in env_runs})
-        if len(budgets) > 1:
-            print(f"warning: {label}: the runs of {env_id} have different budgets (--total-timesteps {', '.join(budgets)})")
-        for run in env_runs:
-            planned = run.hyperparameters.get("num_iterations"), run.hyperparameters.get("batch_size")
-            if None not in planned and run.steps[-1] < int(planned[0]) * int(planned[1]):
-                print(
-                    f"warning: {label}: {run.path} is unfinished (last logged step {int(run.steps[-1])} of {int(planned[0]) * int(planned[1])})"
-                )
+        newest[run.seed] = run
+    kept = [newest[seed] for seed in sorted(newest)]
+    budgets = sorted({run.hyperparameters.get("total_timesteps", "?") for run in kept})
+    if len(budgets) > 1:
+        print(f"warning: {label}: the runs of {env_id} have different budgets (--total-timesteps {', '.join(budgets)})")
+    for run in kept:
+        iterations, batch_size = run.hyperparameters.get("num_iterations"), run.hyperparameters.get("batch_size")
+        if None in (iterations, batch_size):
+            continue
+        planned = int(iterations) * int(batch_size)
+        if run.steps[-1] < planned:
+            print(f"warning: {label}: {run.path} is unfinished (last logged step {int(run.steps[-1])} of {planned})")
     return kept
 
 
-def interquartile_mean(values):
-    """The mean of the middle 50%: a quarter of the sorted values (rounded down) is cut from each end."""
-    values = np.sort(np.asarray(values, dtype=np.float64))
-    cut = int(0.25 * len(values))
-    return float(values[cut : len(values) - cut].mean())
+def interquartile_mean(finals):
+    """rliable's IQM of the seeds' final values, one env being one task, and its 95% stratified-bootstrap interval.
 
-
-def summarise(runs, last):
-    """Final values of the runs (the seeds of one env and setting): (mean, std, number of runs, IQM)."""
-    finals = np.array([run.values[-1] for run in runs])
-    pooled = np.concatenate([run.values[-last:] for run in runs])
-    return float(finals.mean()), float(finals.std()), len(runs), interquartile_mean(pooled)
+    finals: (seeds,). Returns (IQM, low, high); one seed gives low = high = IQM."""
+    np.random.seed(BOOTSTRAP_SEED)  # rliable 1.2.0 resamples with NumPy's global generator: its random_state is unused
+    points, intervals = library.get_interval_estimates(
+        {"final": finals[:, np.newaxis]},  # (seeds, tasks = 1)
+        lambda scores: np.array([metrics.aggregate_iqm(scores)]),
+        reps=BOOTSTRAP_REPS,
+    )
+    return float(points["final"][0]), float(intervals["final"][0, 0]), float(intervals["final"][1, 0])
 
 
 def seed_curves(runs, num_points=200):
@@ -186,68 +238,61 @@ def seed_curves(runs, num_points=200):
     return grid, np.stack([np.interp(grid, run.steps, run.values) for run in runs])
 
 
-def group(settings):
-    """{env_id: {label: [runs]}} from [(label, runs)], envs sorted, settings in the given order."""
-    table = {}
-    for label, runs in settings:
-        for run in runs:
-            table.setdefault(run.env_id, {}).setdefault(label, []).append(run)
-    return {env_id: table[env_id] for env_id in sorted(table)}
-
-
-def plot(groups, labels, tag, spread, output):
-    num_panels = len(groups)
-    columns = math.ceil(math.sqrt(num_panels))
-    rows = math.ceil(num_panels / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.4 * rows), squeeze=False)
-    colors = {label: f"C{i}" for i, label in enumerate(labels)}
-    for ax, (env_id, by_label) in zip(axes.flat, groups.items()):
-        for label, runs in by_label.items():
-            steps, values = seed_curves(runs)
+def plot(panels, tag, spread, output):
+    """One panel per env: its settings' curves and, below it, a legend of its own that names them."""
+    labels = {
+        env_id: [textwrap.fill(setting.label, LEGEND_WIDTH, break_long_words=False) for setting in settings]
+        for env_id, settings in panels.items()
+    }
+    legend_lines = 1 + max(sum(label.count("\n") + 1 for label in env_labels) for env_labels in labels.values())
+    columns = math.ceil(math.sqrt(len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    size = (4.5 * columns, (3.4 + 0.2 * legend_lines) * rows)  # inches: a panel and its legend's lines
+    figure, axes = plt.subplots(rows, columns, figsize=size, squeeze=False, layout="constrained")
+    for ax, (env_id, settings) in zip(axes.flat, panels.items()):
+        for i, (setting, label) in enumerate(zip(settings, labels[env_id])):
+            steps, values = seed_curves(setting.runs)
             mean = values.mean(0)
             if spread == "std":
                 low, high = mean - values.std(0), mean + values.std(0)
             else:
                 low, high = values.min(0), values.max(0)
-            ax.plot(steps, mean, color=colors[label], marker="o" if len(steps) == 1 else None, label=label)
-            ax.fill_between(steps, low, high, color=colors[label], alpha=0.25, linewidth=0)
+            ax.plot(steps, mean, color=f"C{i}", marker="o" if len(steps) == 1 else None, label=label)
+            ax.fill_between(steps, low, high, color=f"C{i}", alpha=0.25, linewidth=0)
         if env_id in PUBLISHED and tag == "episode/r_mean":
             ax.axhline(PUBLISHED[env_id][0], color="gray", linestyle="--", linewidth=1, label="published final")
         ax.set_title(env_id)
         ax.set_xlabel("steps")
         ax.set_ylabel(tag)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[num_panels:]:
+        # below the x label: the pad is in units of the legend's font size
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0), borderaxespad=4, fontsize="small", frameon=False)
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
-    handles = {}  # one legend for the figure: label -> line
-    for ax in axes.flat[:num_panels]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
     band = "min/max" if spread == "minmax" else "+- std"
     figure.suptitle(f"{tag}: mean over seeds, band = {band}")
-    figure.tight_layout()
-    figure.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(len(handles), 3))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    figure.savefig(output, dpi=120, bbox_inches="tight")
+    figure.savefig(output, dpi=120)
     plt.close(figure)
 
 
-def results_table(groups, labels, last):
-    """A markdown table: per env, each setting's final mean +- std (seeds) and IQM, and the published result."""
-    header = ["env id", "published"]
-    for label in labels:
-        header += [f"{label}: final", f"{label}: IQM"]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for env_id, by_label in groups.items():
-        published = "{:.2f} +- {:.2f}".format(*PUBLISHED[env_id]) if env_id in PUBLISHED else "-"
-        cells = [env_id, published]
-        for label in labels:
-            if label in by_label:
-                mean, std, num_runs, iqm = summarise(by_label[label], last)
-                cells += [f"{mean:.2f} +- {std:.2f} ({num_runs} runs)", f"{iqm:.2f}"]
-            else:
-                cells += ["-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+def results_table(panels, tag):
+    """A markdown table, a row per env and setting, and below it the labels that the table abbreviates. The published
+    results are final returns: other tags have none."""
+    lines = ["| env id | setting | seeds | final | IQM [95% CI] | published |", "| --- | --- | --- | --- | --- | --- |"]
+    numbers = {}  # a long label -> its number in the table
+    for env_id, settings in panels.items():
+        published = "{:.2f} +- {:.2f}".format(*PUBLISHED[env_id]) if env_id in PUBLISHED and tag == "episode/r_mean" else "-"
+        for setting in settings:
+            label = setting.label
+            if len(label) > TABLE_LABEL_WIDTH:
+                label = f"{setting.name} [{numbers.setdefault(label, len(numbers) + 1)}]"
+            finals = np.array([run.values[-1] for run in setting.runs])
+            iqm, low, high = interquartile_mean(finals)
+            final = f"{finals.mean():.2f} +- {finals.std():.2f}"
+            lines.append(f"| {env_id} | {label} | {len(finals)} | {final} | {iqm:.2f} [{low:.2f}, {high:.2f}] | {published} |")
+    if numbers:
+        lines += [""] + [f"[{number}] {label}" for label, number in numbers.items()]
     return "\n".join(lines)
 
 
@@ -261,17 +306,17 @@ def main():
     parser.add_argument("--tag", default="episode/r_mean", help="the scalar to plot and tabulate")
     parser.add_argument("--exp-name", help="only the runs of this exp_name")
     parser.add_argument("--against", help="a second folder of runs, or a second exp_name in the first folder")
-    parser.add_argument("--output", default="benchmark/results.png", help="where to write the PNG")
+    parser.add_argument("--output", default="results.png", help="where to write the PNG")
     parser.add_argument("--spread", choices=["minmax", "std"], default="minmax", help="the band over seeds")
-    parser.add_argument("--last", type=int, default=10, help="K: final logged values per seed that the IQM pools")
     args = parser.parse_args()
-    if args.last < 1:
-        parser.error("--last must be at least 1")
 
+    two_folders = args.against is not None and os.path.isdir(args.against)
+    if two_folders and os.path.realpath(args.runs) == os.path.realpath(args.against):
+        parser.error(f"--against {args.against} is the folder of runs itself: give another folder or an exp_name")
     runs = find_runs(args.runs, args.tag)
     if args.against is None:
         first, second = [run for run in runs if args.exp_name in (None, run.exp_name)], []
-    elif os.path.isdir(args.against):
+    elif two_folders:
         first, second = [run for run in runs if args.exp_name in (None, run.exp_name)], find_runs(args.against, args.tag)
     else:
         first = [run for run in runs if args.exp_name in (None, run.exp_name) and run.exp_name != args.against]
@@ -280,25 +325,28 @@ def main():
         parser.error(
             f"no runs with '{args.tag}' logged under '{args.runs}'"
             + (f" for --exp-name {args.exp_name}" if args.exp_name else "")
+            + ": give the folder that holds the run folders, or another --tag"
         )
     if args.against is not None and not second:
-        parser.error(f"no runs with '{args.tag}' logged for --against {args.against}")
+        parser.error(
+            f"no runs with '{args.tag}' logged for --against {args.against}: "
+            f"give a folder of runs or an exp_name in '{args.runs}'"
+        )
 
-    # A setting is an exp_name and a configuration; when two folders are compared, the folder joins its label
-    two_folders = args.against is not None and os.path.isdir(args.against)
-    settings = {}
-    for folder, folder_runs in ((args.runs, first), (args.against, second)):
-        settings.update(settings_of(folder_runs, folder if two_folders else None))
-    settings = {label: warn_about(label, runs) for label, runs in settings.items()}
+    names = folder_names(args.runs, args.against) if two_folders else (None, None)
+    panels = panels_of([(names[0], first), (names[1], second)])
+    for settings in panels.values():
+        for setting in settings:
+            setting.runs = warn_about(setting)
 
-    groups = group(settings.items())
-    plot(groups, list(settings), args.tag, args.spread, args.output)
+    plot(panels, args.tag, args.spread, args.output)
     print(f"wrote {args.output}")
     print(
-        f"\n{args.tag}. final: each seed's last logged value, mean +- std over seeds; "
-        f"IQM: interquartile mean of the last {args.last} logged values of every seed, pooled\n"
+        f"\n{args.tag}, each seed's last logged value. final: mean +- std over seeds; IQM: rliable's interquartile mean "
+        "over seeds with its 95% stratified-bootstrap confidence interval "
+        f"({BOOTSTRAP_REPS} resamples, seed {BOOTSTRAP_SEED})\n"
     )
-    print(results_table(groups, list(settings), args.last))
+    print(results_table(panels, args.tag))
 
 
 if __name__ == "__main__":

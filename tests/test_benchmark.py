@@ -1,5 +1,5 @@
-"""benchmark/: the experiment runner (dry runs, a local pool, the Slurm job script), plot.py on the logs of a tiny
-real training run, throughput.py's command building, memory.py on a tiny config, phases.py
+"""benchmark/: the experiment runner (dry runs, a local pool, the Slurm job script), plot.py on the logs of tiny
+real training runs, throughput.py's command building, memory.py on a tiny config, phases.py
 on a tiny image config, and minigrid_starts.py on a tiny MiniGrid Memory model."""
 
 import glob
@@ -7,12 +7,14 @@ import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rliable import library, metrics
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.util import tensor_util
 
@@ -210,56 +212,92 @@ def logged_values(run_folder, tag="episode/r_mean"):
     return [values[step] for step in sorted(values)]
 
 
-def table_row(output, env_id):
-    """The cells of env_id's row in plot.py's markdown table."""
-    (line,) = [line for line in output.splitlines() if line.startswith(f"| {env_id} |")]
-    return [cell.strip() for cell in line.strip("|").split("|")]
+def plot_module():
+    """benchmark/plot.py, imported."""
+    if str(ROOT / "benchmark") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmark"))
+    import plot
+
+    return plot
 
 
-def check_cells(final, iqm, seeds):
-    """final 'mean +- std (n runs)' and IQM cells against the logged values of the seeds."""
-    last = [values[-1] for values in seeds]
-    pooled = np.sort(np.concatenate([values[-10:] for values in seeds]))
-    cut = len(pooled) // 4
-    mean, std, num_runs = re.fullmatch(r"(-?[\d.]+) \+- ([\d.]+) \((\d+) runs\)", final).groups()
-    assert float(mean) == pytest.approx(np.mean(last), abs=0.006)
-    assert float(std) == pytest.approx(np.std(last), abs=0.006)
-    assert int(num_runs) == len(seeds)
-    assert float(iqm) == pytest.approx(pooled[cut : len(pooled) - cut].mean(), abs=0.006)
+def table_rows(output, env_id):
+    """The cells of env_id's rows in plot.py's markdown table."""
+    lines = [line for line in output.splitlines() if line.startswith(f"| {env_id} |")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def check_cells(row, seeds):
+    """A row's seeds, final 'mean +- std' and 'IQM [low, high]' cells against the logged values of the seeds, the IQM
+    and its interval computed here with rliable on each seed's last value, with plot.py's bootstrap seed and size."""
+    plot = plot_module()
+    last = np.array([values[-1] for values in seeds])
+    np.random.seed(plot.BOOTSTRAP_SEED)
+    points, intervals = library.get_interval_estimates(
+        {"last": last[:, np.newaxis]}, lambda scores: np.array([metrics.aggregate_iqm(scores)]), reps=plot.BOOTSTRAP_REPS
+    )
+    _, _, num_seeds, final, iqm, _ = row
+    assert int(num_seeds) == len(seeds)
+    mean, std = re.fullmatch(r"(-?[\d.]+) \+- ([\d.]+)", final).groups()
+    assert float(mean) == pytest.approx(last.mean(), abs=0.006)
+    assert float(std) == pytest.approx(last.std(), abs=0.006)
+    iqm, low, high = re.fullmatch(r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]", iqm).groups()
+    assert float(iqm) == pytest.approx(points["last"][0], abs=0.006)
+    assert float(low) == pytest.approx(intervals["last"][0, 0], abs=0.006)
+    assert float(high) == pytest.approx(intervals["last"][1, 0], abs=0.006)
+
+
+def png_width(path):
+    """The pixel width in a PNG's header chunk."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">I", data[16:20])[0]
 
 
 def test_plot_draws_the_curves_and_tabulates_the_runs(tiny_runs, tmp_path):
-    output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), str(tiny_runs), "--output", str(tmp_path / "a.png")])
-    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), str(tiny_runs)], cwd=tmp_path)
+    assert "wrote results.png" in output and png_width(tmp_path / "results.png") > 0  # the current folder by default
     seeds = [logged_values(folder) for folder in sorted(tiny_runs.iterdir())]
     assert len(seeds) == 2 and all(len(values) == 4 for values in seeds)
-    _, published, final, iqm = table_row(output, "ProofofMemory-v0")
-    assert published == "-"  # ProofofMemory is not in the published table
-    check_cells(final, iqm, seeds)
+    assert table_rows(output, "env id") == [["env id", "setting", "seeds", "final", "IQM [95% CI]", "published"]]
+    (row,) = table_rows(output, "ProofofMemory-v0")
+    assert row[1] == "ppo_trxl" and row[5] == "-"  # ProofofMemory is not in the published table
+    check_cells(row, seeds)
+
+
+def test_plot_iqm_trims_a_quarter_of_the_seeds_from_each_end():
+    interquartile_mean = plot_module().interquartile_mean
+    finals = np.array([0.3, 100.0, 0.1, 0.2, -50.0, 0.4, 0.5, 0.6])
+    iqm, low, high = interquartile_mean(finals)
+    assert iqm == pytest.approx(np.sort(finals)[2:6].mean())
+    assert low <= iqm <= high < 100
+    np.random.seed(123)  # the interval does not depend on the generator's state before
+    assert interquartile_mean(finals) == (iqm, low, high)
+    assert interquartile_mean(np.array([0.7])) == (0.7, 0.7, 0.7)  # one seed: an interval of one point
 
 
 def test_plot_against_puts_two_settings_side_by_side(tiny_runs, tmp_path):
     plot = [sys.executable, str(ROOT / "benchmark" / "plot.py"), str(tiny_runs)]
     seeds = [logged_values(folder) for folder in sorted(tiny_runs.iterdir())]
 
-    # Another folder of runs: the same runs here, so both columns hold the same numbers
+    # Another folder of runs: the same runs here, so both rows hold the same numbers
     other = shutil.copytree(tiny_runs, tmp_path / "other")
     output = run(plot + ["--against", str(other), "--output", str(tmp_path / "folders.png")])
-    assert f"ppo_trxl ({tiny_runs}): final" in output and f"ppo_trxl ({other}): final" in output
-    cells = table_row(output, "ProofofMemory-v0")
-    check_cells(cells[2], cells[3], seeds)
-    check_cells(cells[4], cells[5], seeds)
+    rows = table_rows(output, "ProofofMemory-v0")
+    assert [row[1] for row in rows] == ["ppo_trxl (runs)", "ppo_trxl (other)"]
+    for row in rows:
+        check_cells(row, seeds)
 
     # A second exp_name in the same folder: seed 1 alone, renamed
     mixed = shutil.copytree(tiny_runs, tmp_path / "mixed")
     seed_1 = sorted(mixed.iterdir())[0]
     seed_1.rename(mixed / seed_1.name.replace("__ppo_trxl__", "__variant__"))
     output = run(plot[:-1] + [str(mixed), "--against", "variant", "--output", str(tmp_path / "names.png")])
-    header = table_row(output, "env id")
-    assert header[2:] == ["ppo_trxl: final", "ppo_trxl: IQM", "variant: final", "variant: IQM"]
-    cells = table_row(output, "ProofofMemory-v0")
-    check_cells(cells[2], cells[3], seeds[1:])
-    check_cells(cells[4], cells[5], seeds[:1])
+    ppo_trxl, variant = table_rows(output, "ProofofMemory-v0")
+    assert (ppo_trxl[1], variant[1]) == ("ppo_trxl", "variant")
+    check_cells(ppo_trxl, seeds[1:])
+    check_cells(variant, seeds[:1])
+    assert variant[4] == "{0} [{0}, {0}]".format(f"{seeds[0][-1]:.2f}")  # one seed: an interval of one point
     assert (tmp_path / "names.png").stat().st_size > 0
 
 
@@ -281,11 +319,8 @@ def test_plot_groups_runs_by_configuration_and_warns_before_pooling(tiny_runs, t
     assert other_gamma.wait(timeout=120) == 0
 
     output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), str(runs), "--output", str(tmp_path / "c.png")])
-    header, cells = table_row(output, "env id"), table_row(output, "ProofofMemory-v0")
-    finals = {label: cell for label, cell in zip(header[2::2], cells[2::2])}
-    assert set(finals) == {"ppo_trxl (gamma=0.995): final", "ppo_trxl (gamma=0.9): final"}
-    assert finals["ppo_trxl (gamma=0.995): final"].endswith("(3 runs)")  # seeds 1, 2 (once) and 3
-    assert finals["ppo_trxl (gamma=0.9): final"].endswith("(1 runs)")
+    seeds = {row[1]: row[2] for row in table_rows(output, "ProofofMemory-v0")}
+    assert seeds == {"ppo_trxl gamma=0.995": "3", "ppo_trxl gamma=0.9": "1"}  # seeds 1, 2 (once) and 3; seed 1
     warnings = [line for line in output.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 3, output
     assert "seed 2 of ProofofMemory-v0 was run twice; using " in warnings[0] and "__9999999999, not" in warnings[0]
@@ -293,10 +328,38 @@ def test_plot_groups_runs_by_configuration_and_warns_before_pooling(tiny_runs, t
     assert re.search(r"__3__\d+ is unfinished \(last logged step \d+ of 6400\)", warnings[2])
 
 
+def test_plot_gives_every_env_a_panel_labelled_by_what_differs_within_it(tiny_runs, tmp_path):
+    """Beside the two tiny ProofofMemory seeds: a tiny MortarMayhem-Grid run with other flags, the only setting of its
+    env, so that env_id and those flags name nothing; and a ProofofMemory run that differs from the seeds in four flags,
+    which name it in its panel's legend and, being long, below the table, the table naming it by a number."""
+    runs = shutil.copytree(tiny_runs, tmp_path / "runs")
+    trainer = [sys.executable, str(ROOT / "ppo_trxl.py"), *TINY_RUN]
+    mortar_flags = ["--env-id", "MortarMayhem-Grid-v0", "--num-steps", "64", "--trxl-memory-length", "16"]
+    pom_flags = ["--gamma", "0.9", "--gae-lambda", "0.9", "--clip-coef", "0.3", "--trxl-memory-length", "16"]
+    trainings = [
+        subprocess.Popen(trainer + flags, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL)
+        for flags in (mortar_flags, pom_flags)
+    ]
+    assert [training.wait(timeout=120) for training in trainings] == [0, 0]
+
+    output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), str(runs), "--output", str(tmp_path / "envs.png")])
+    (mortar,) = table_rows(output, "MortarMayhem-Grid-v0")
+    assert mortar[1] == "ppo_trxl" and mortar[5] == "0.99 +- 0.00"
+    check_cells(mortar, [logged_values(next(runs.glob("MortarMayhem-Grid-v0__*")))])
+    assert [row[1] for row in table_rows(output, "ProofofMemory-v0")] == ["ppo_trxl [1]", "ppo_trxl [2]"]
+    assert output.splitlines()[-2:] == [
+        "[1] ppo_trxl clip_coef=0.1, gae_lambda=0.95, gamma=0.995, trxl_memory_length=8",
+        "[2] ppo_trxl clip_coef=0.3, gae_lambda=0.9, gamma=0.9, trxl_memory_length=16",
+    ]
+    assert "env_id" not in output and "num_steps" not in output
+    assert max(len(line) for line in output.splitlines() if line.startswith("|")) < 300
+    assert png_width(tmp_path / "envs.png") <= 2500
+
+
 def test_plot_help_gives_the_defaults():
     output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), "--help"])
     output = " ".join(output.split())
-    assert "(default: benchmark/results.png)" in output and "(default: 10)" in output
+    assert "(default: results.png)" in output and "(default: minmax)" in output
 
 
 def test_throughput_builds_the_documented_commands():
