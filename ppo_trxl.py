@@ -56,6 +56,7 @@ try:
     import torch.nn as nn
     import torch.nn.functional as F
     import tyro
+    from gymnasium.wrappers.record_video import capped_cubic_video_schedule
     from minigrid.envs.memory import MemoryEnv
     from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
     from torch.nn.parallel import DistributedDataParallel
@@ -282,47 +283,42 @@ def leave_process_group(exit_code):
 
 def check_args(args):
     """Rejects flag combinations that cannot work, before any env is created or file written."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "trxl_num_layers", "trxl_num_heads"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must be at least 1")
-    for name in ("gamma", "gae_lambda"):
-        if not 0 <= getattr(args, name) <= 1:
-            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must lie in [0, 1] (0.9 to 0.999 is usual)")
-    for name in ("init_lr", "clip_coef", "max_grad_norm", "target_kl"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must be positive")
-    for name in ("final_lr", "init_ent_coef", "final_ent_coef", "vf_coef", "reconstruction_coef", "anneal_steps"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} is {getattr(args, name)}: it must be 0 or positive")
+    for names, holds, rule in (
+        ("num_envs num_steps num_minibatches update_epochs trxl_num_layers trxl_num_heads", lambda v: v >= 1, "be at least 1"),
+        ("keep_checkpoints", lambda v: v >= 1, "be at least 1"),
+        ("init_lr clip_coef max_grad_norm target_kl", lambda v: v is None or v > 0, "be positive"),
+        ("final_lr init_ent_coef final_ent_coef vf_coef reconstruction_coef", lambda v: v >= 0, "be 0 or positive"),
+        ("anneal_steps", lambda v: v >= 0, "be 0 (constant coefficients) or positive"),
+        ("gamma gae_lambda", lambda v: 0 <= v <= 1, "lie in [0, 1] (0.9 to 0.999 is usual)"),
+        ("checkpoint_minutes checkpoint_interval", lambda v: v >= 0, "be 0 (off) or positive"),
+    ):
+        for name in names.split():
+            if not holds(getattr(args, name)):
+                fail(f"{flag(name)} is {getattr(args, name)}: it must {rule}")
     if args.num_steps % args.num_minibatches:
-        fail(
-            f"--num-minibatches {args.num_minibatches} does not divide --num-steps {args.num_steps}: every minibatch "
-            "holds an equal share of every env's steps, so choose a divisor of --num-steps"
-        )
+        fail(f"--num-minibatches {args.num_minibatches} does not divide --num-steps {args.num_steps}: choose a divisor")
     if args.num_iterations < 1:
-        fail(
-            f"--total-timesteps {args.total_timesteps} is less than one batch "
-            f"({args.batch_size * world_size()} = num_envs x num_steps x ranks)"
-        )
+        batch = f"{args.batch_size * world_size()} = num_envs x num_steps x ranks"
+        fail(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch})")
     if args.trxl_dim % args.trxl_num_heads:
         fail(f"--trxl-dim {args.trxl_dim} is not divisible by --trxl-num-heads {args.trxl_num_heads}")
     if args.trxl_positional_encoding == "rotary" and args.trxl_dim // args.trxl_num_heads % 2:
-        fail(f"--trxl-positional-encoding rotary turns pairs of a head's features: --trxl-dim / --trxl-num-heads must be even")
+        fail("--trxl-positional-encoding rotary turns pairs of a head's features: --trxl-dim / --trxl-num-heads must be even")
     if args.trxl_memory_length < 1:
-        fail(
-            f"--trxl-memory-length {args.trxl_memory_length} is below 1: a step attends to the last memory_length - 1 "
-            "steps, and 1 (none) is the memoryless control"
-        )
+        fail(f"--trxl-memory-length {args.trxl_memory_length} is below 1 (1 is no memory at all, the memoryless control)")
     if args.compile and not cpp_compiler():
         fail("--compile needs a C++ compiler for torch.compile (g++, or the one $CXX names): install one or drop --compile")
-    if args.checkpoint_interval < 0 or args.checkpoint_minutes < 0 or args.keep_checkpoints < 1:
-        fail("--checkpoint-interval and --checkpoint-minutes must be 0 (off) or positive, and --keep-checkpoints at least 1")
     task_settings(args.env_id, args.reset_params)
 
 
 def cpp_compiler():
     """The C++ compiler that torch.compile builds its CPU kernels with (g++, or $CXX), or None."""
     return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def flag(name):
+    """The command line's spelling of the field name: --num-envs for num_envs."""
+    return "--" + name.replace("_", "-")
 
 
 def find_env_spec(env_id):
@@ -342,8 +338,14 @@ def find_env_spec(env_id):
         )
 
 
+def env_class(env_id):
+    """What builds env_id's envs: a class, for the ids of Memory Gym, MiniGrid and this project."""
+    entry_point = find_env_spec(env_id).entry_point
+    return gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+
+
 def is_memory_gym(env_id):
-    return str(find_env_spec(env_id).entry_point).startswith("memory_gym")
+    return env_class(env_id).__module__.startswith("memory_gym")
 
 
 def watch_render_mode(env_id):
@@ -380,29 +382,27 @@ class VideoFile:
 class VideoRecorder(gym.Wrapper):
     """Records episodes 0, 1, 8, 27, ... (cubes up to 1000, then every 1000th) to `folder/episode-{k}.mp4`."""
 
-    def __init__(self, env, folder, fps=30):
+    def __init__(self, env, folder):
         super().__init__(env)
-        self.folder, self.fps = folder, fps
-        self.episode, self.video = -1, None
-
-    def _record(self):
-        if self.video:
-            self.video.write(cv2.cvtColor(self.env.render(), cv2.COLOR_RGB2BGR))
+        self.folder, self.episode, self.video = folder, -1, None
 
     def reset(self, **kwargs):
         self.close_video()
         observation, info = self.env.reset(**kwargs)
         self.episode += 1
-        cube_root = round(self.episode ** (1 / 3))
-        if (cube_root**3 == self.episode) if self.episode < 1000 else self.episode % 1000 == 0:
-            self.video = VideoFile(os.path.join(self.folder, f"episode-{self.episode}.mp4"), self.fps)
-        self._record()
+        if capped_cubic_video_schedule(self.episode):
+            self.video = VideoFile(os.path.join(self.folder, f"episode-{self.episode}.mp4"), fps=30)
+        self.record()
         return observation, info
 
     def step(self, action):
-        observation, reward, terminated, truncated, info = self.env.step(action)
-        self._record()
-        return observation, reward, terminated, truncated, info
+        result = self.env.step(action)
+        self.record()
+        return result
+
+    def record(self):
+        if self.video:
+            self.video.write(cv2.cvtColor(self.env.render(), cv2.COLOR_RGB2BGR))
 
     def close_video(self):
         if self.video:
@@ -433,13 +433,11 @@ def task_settings(env_id, reset_params):
         return {}
     try:
         settings = json.loads(reset_params)
-    except json.JSONDecodeError as error:
-        settings = error
+    except json.JSONDecodeError:
+        settings = None
     if not isinstance(settings, dict):
         fail(f"--reset-params {reset_params} is not a JSON object: write it as '{{\"command_count\": [3]}}'")
-    entry_point = find_env_spec(env_id).entry_point
-    creator = gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
-    defaults = getattr(creator, "default_reset_parameters", None)
+    defaults = getattr(env_class(env_id), "default_reset_parameters", None)
     if not isinstance(defaults, dict):
         fail(f"{env_id} takes no task settings (only Memory Gym envs do): drop --reset-params")
     for key, value in settings.items():
@@ -453,17 +451,11 @@ def task_settings(env_id, reset_params):
 
 
 def fits_setting(value, default):
-    """Whether value has the type of a task setting's default: a bool, an integer, a number, or a non-empty list of
-    such values."""
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, int):
-        return isinstance(value, int)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
+    """Whether value has the type of a task setting's default (a number may stand for a float), or for a list, whether
+    it is a non-empty list of such values."""
     if isinstance(default, list):
         return isinstance(value, list) and len(value) > 0 and all(fits_setting(v, default[0]) for v in value)
-    return type(value) is type(default)
+    return type(value) is type(default) or type(value) is int and type(default) is float
 
 
 def make_env(env_id, idx, capture_video, run_name, render_mode=None, settings=None):
@@ -492,8 +484,7 @@ def make_env(env_id, idx, capture_video, run_name, render_mode=None, settings=No
 
 def is_minigrid_memory(env_id):
     """Whether env_id is a MiniGrid Memory env (MemoryEnv or a subclass of it), whose grid tells where its cue lies."""
-    entry_point = find_env_spec(env_id).entry_point
-    creator = gym.envs.registration.load_env_creator(entry_point) if isinstance(entry_point, str) else entry_point
+    creator = env_class(env_id)
     return isinstance(creator, type) and issubclass(creator, MemoryEnv)
 
 
@@ -587,8 +578,7 @@ def action_branches(action_space):
 
 def check_observation_space(observation_space, reconstruction_coef):
     image = observation_space.shape == (84, 84, 3) and observation_space.dtype == np.uint8
-    vector = len(observation_space.shape) == 1
-    if not isinstance(observation_space, gym.spaces.Box) or not (image or vector):
+    if not isinstance(observation_space, gym.spaces.Box) or not (image or len(observation_space.shape) == 1):
         fail(f"unsupported observation space {observation_space}: ppo_trxl.py takes an 84x84x3 uint8 image or a 1-D vector")
     if reconstruction_coef > 0 and not image:
         fail("--reconstruction-coef needs image observations; this env's are vectors: set it to 0")
@@ -766,13 +756,12 @@ class Transformer(nn.Module):
     """L layers that attend to their own inputs at earlier steps of the episode, within memory_length (clipped to
     the episode limit T, which sizes the positional encoding)."""
 
-    def __init__(self, num_layers, dim, num_heads, max_episode_steps, positional_encoding, memory_length, gate, gate_bias):
+    def __init__(self, args, max_episode_steps):
         super().__init__()
-        self.dim = dim
-        self.max_episode_steps = max_episode_steps
-        self.memory_length = min(memory_length, max_episode_steps)
+        self.dim, self.max_episode_steps, dim, num_heads = args.trxl_dim, max_episode_steps, args.trxl_dim, args.trxl_num_heads
+        self.memory_length = min(args.trxl_memory_length, max_episode_steps)
         self.context = context_length(self.memory_length)
-        self.positional_encoding = encoding_of(positional_encoding)
+        self.positional_encoding = encoding_of(args.trxl_positional_encoding)
         if self.positional_encoding == "absolute":
             self.pos_embedding = PositionalEncoding(dim, max_episode_steps)
         elif self.positional_encoding == "learned":
@@ -780,7 +769,10 @@ class Transformer(nn.Module):
         elif self.positional_encoding == "rotary":
             head_size = dim // num_heads
             self.register_buffer("rotary_inv_freqs", 10000 ** (-torch.arange(0, head_size, 2.0) / head_size), False)
-        self.transformer_layers = nn.ModuleList([TransformerLayer(dim, num_heads, gate, gate_bias) for _ in range(num_layers)])
+        gate, gate_bias = getattr(args, "trxl_gate", "none"), getattr(args, "trxl_gate_bias", 2.0)  # published args lack them
+        self.transformer_layers = nn.ModuleList(
+            [TransformerLayer(dim, num_heads, gate, gate_bias) for _ in range(args.trxl_num_layers)]
+        )
 
     def positions(self, steps):
         """steps (...) episode steps -> (..., D) the absolute or learned encodings, which are added to the memory at
@@ -915,17 +907,8 @@ class Agent(nn.Module):
             )
         else:
             self.encoder = layer_init(nn.Linear(self.obs_shape[0], dim))
-        self.transformer = Transformer(
-            args.trxl_num_layers,
-            dim,
-            args.trxl_num_heads,
-            max_episode_steps,
-            args.trxl_positional_encoding,
-            args.trxl_memory_length,
-            getattr(args, "trxl_gate", "none"),  # published args lack the options beyond the published model
-            getattr(args, "trxl_gate_bias", 2.0),
-        )
-        self.segment_gradients = getattr(args, "trxl_segment_gradients", False)
+        self.transformer = Transformer(args, max_episode_steps)
+        self.segment_gradients = getattr(args, "trxl_segment_gradients", False)  # published args lack it
         self.hidden_post_trxl = nn.Sequential(layer_init(nn.Linear(dim, dim)), nn.ReLU())
         self.actor_branches = nn.ModuleList([layer_init(nn.Linear(dim, n), std=0.1) for n in action_space_shape])
         self.critic = layer_init(nn.Linear(dim, 1), std=1)
@@ -1389,39 +1372,35 @@ def save_atomically(obj, path):
     os.replace(temporary, path)
 
 
-def find_checkpoint(path_or_run_dir):
-    """A training checkpoint file, or the newest one in a run directory's `checkpoints` folder."""
-    if os.path.isdir(path_or_run_dir):
-        folder = os.path.join(path_or_run_dir, "checkpoints")
-        names = sorted(glob.glob(os.path.join(folder, "step-*.pt")))
-        if not names:
-            fail(f"no training checkpoint in {folder}: was the run started with --checkpoint-interval?")
-        return names[-1]
-    if not os.path.isfile(path_or_run_dir):
-        fail(f"--resume {path_or_run_dir}: no such checkpoint file or run directory")
-    return path_or_run_dir
-
-
 def load_training_checkpoint(path):
+    """The training checkpoint at path, or the newest one of a run directory, with its "path"."""
+    if os.path.isdir(path):
+        names = sorted(glob.glob(os.path.join(path, "checkpoints", "step-*.pt")))
+        if not names:
+            fail(f"no training checkpoint in {os.path.join(path, 'checkpoints')}: the run stopped before writing one")
+        path = names[-1]
+    if not os.path.isfile(path):
+        fail(f"--resume {path}: no such checkpoint file or run directory")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         fail(f"{path} is not a readable checkpoint ({type(error).__name__}): pass a file from runs/<run>/checkpoints")
     if not isinstance(checkpoint, dict) or not {"model_weights", "args", "optimizer", "global_step"} <= checkpoint.keys():
         fail(f"{path} is not a training checkpoint of ppo_trxl.py (a published or --save-model file cannot be resumed)")
-    return checkpoint
+    return {**checkpoint, "path": path}
 
 
 def parse_args():
-    """The flags. With --resume, the checkpoint's flags are the defaults that the command line overrides."""
+    """The flags, and with --resume the training checkpoint, whose flags are the defaults that the command line
+    overrides."""
     args = cli()
     if args.resume is None:
         return args, None
-    path = find_checkpoint(args.resume)
-    checkpoint = load_training_checkpoint(path)
+    checkpoint = load_training_checkpoint(args.resume)
     flags = {field.name for field in dataclasses.fields(Args) if field.init}
-    defaults = Args(**{**{name: value for name, value in checkpoint["args"].items() if name in flags}, "resume": path})
-    args = cli(defaults)
+    saved = {name: value for name, value in checkpoint["args"].items() if name in flags}
+    saved["trxl_positional_encoding"] = saved["trxl_positional_encoding"] or "none"  # as older checkpoints write it
+    args = cli(Args(**{**saved, "resume": checkpoint["path"]}))
     if args.env_id != checkpoint["args"]["env_id"]:
         fail(
             f"--env-id {args.env_id} differs from the checkpoint's {checkpoint['args']['env_id']}: a run goes on with its env"
@@ -1431,35 +1410,28 @@ def parse_args():
             f"the checkpoint took {checkpoint['global_step'] // checkpoint['iteration']} steps an iteration: resume with the "
             "same --num-envs x --num-steps (x torchrun ranks) so that the run ends at its --total-timesteps"
         )
-    return args, {**checkpoint, "path": path}
+    return args, checkpoint
 
 
 def restore(agent, optimizer, args, checkpoint, restore_rng):
     """Loads a training checkpoint into agent and optimizer (and the random generators' states with restore_rng),
     or stops with one line where its model does not fit the one that args build."""
-    if agent.transformer.memory_length != checkpoint["args"]["trxl_memory_length"]:
-        fail(
-            f"memory length {agent.transformer.memory_length} differs from the checkpoint's "
-            f"{checkpoint['args']['trxl_memory_length']}: resume with the same --trxl-memory-length"
-        )
+    saved = {**checkpoint["args"], "resume": args.resume}  # the checkpoint's flags
+    if agent.transformer.memory_length != saved["trxl_memory_length"]:
+        fail(f"memory length {agent.transformer.memory_length} differs from the checkpoint's {saved['trxl_memory_length']}")
     mismatch = state_dict_mismatch(agent.state_dict(), checkpoint["model_weights"])
     if mismatch:
-        differing = [
-            f"--{name.replace('_', '-')} {value} (the checkpoint's {checkpoint['args'].get(name)})"
-            for name, value in vars(args).items()
-            if name != "resume" and value != checkpoint["args"].get(name)
-        ]
+        differing = [f"{flag(k)} {v} (the checkpoint's {saved.get(k)})" for k, v in vars(args).items() if v != saved.get(k)]
         fail(
-            f"this model does not fit the checkpoint's ({mismatch}): resume with the flags that built it; "
-            f"the flags that differ: {', '.join(differing) or 'none'}"
+            f"this model does not fit the checkpoint's ({mismatch}): resume with the flags that built it; the flags that "
+            f"differ: {', '.join(differing) or 'none'}"
         )
     agent.load_state_dict(checkpoint["model_weights"])
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError:
         fail(
-            f"the optimizer state in {checkpoint['path']} does not fit this ppo_trxl.py, which keeps one state per "
-            "parameter: resume it with the version that wrote it"
+            f"the optimizer state in {checkpoint['path']} does not fit this ppo_trxl.py: resume it with the version that wrote it"
         )
     if restore_rng:
         rng = checkpoint["rng"]
@@ -1473,23 +1445,24 @@ def restore(agent, optimizer, args, checkpoint, restore_rng):
 
 def state_dict_mismatch(expected, given):
     """'' when the state_dict `given` fits the model's `expected`, else a short account of what differs."""
-    missing = [key for key in expected if key not in given]
-    unexpected = [key for key in given if key not in expected]
 
     def shape(value):
         return tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
 
-    reshaped = [
-        f"{key} {shape(given[key])} where the model has {shape(expected[key])}"
-        for key in expected
-        if key in given and shape(given[key]) != shape(expected[key])
-    ]
-    parts = [
-        f"{label} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape of", reshaped))
+    differences = {
+        "missing": [key for key in expected if key not in given],
+        "unexpected": [key for key in given if key not in expected],
+        "shape of": [
+            f"{key} {shape(given[key])} where the model has {shape(expected[key])}"
+            for key in expected
+            if key in given and shape(given[key]) != shape(expected[key])
+        ],
+    }
+    return "; ".join(
+        f"{label} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+        for label, keys in differences.items()
         if keys
-    ]
-    return "; ".join(parts)
+    )
 
 
 def save_checkpoint(run_name, keep, **state):
@@ -1497,8 +1470,9 @@ def save_checkpoint(run_name, keep, **state):
     folder = f"runs/{run_name}/checkpoints"
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step-{state['global_step']:012d}.pt")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(legacy=False)}
-    rng["numpy"]["state"]["key"] = rng["numpy"]["state"]["key"].tolist()
+    numpy = np.random.get_state(legacy=False)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
+    numpy["state"]["key"] = numpy["state"]["key"].tolist()
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     save_atomically({**state, "run_name": run_name, "rng": rng}, path)
@@ -1514,10 +1488,10 @@ class RolloutStopped(Exception):
 
 class StopSignals:
     """Turns SIGTERM and SIGINT into a request to stop, which the trainer answers at its next safe point: at once
-    while a single process steps its envs (the rollout under way is dropped), else when the iteration's update ends;
-    it then writes a checkpoint. Another signal stops the run at once, unless it comes within a second of the first:
-    launchers such as torchrun and timeout pass on to their children a signal that the children's whole process group
-    got as well. last_checkpoint, (path, step) or None, says what that second signal loses."""
+    while a single process steps its envs (the rollout under way is dropped, see RolloutStopped), else when the
+    iteration's update ends; it then writes a checkpoint. Another signal stops the run at once, unless it comes within
+    a second of the first: launchers such as torchrun and timeout pass on to their children a signal that the
+    children's whole process group got as well. last_checkpoint, (path, step) or None, says what that one loses."""
 
     def __init__(self):
         self.received, self.received_at, self.announce, self.last_checkpoint = None, None, True, None
@@ -1525,8 +1499,7 @@ class StopSignals:
             signal.signal(signum, self._request)
 
     def _request(self, signum, frame):
-        name = signal.Signals(signum).name
-        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        name, again = signal.Signals(signum).name, "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         if self.received is None:
             self.received, self.received_at = name, time.monotonic()
             if self.announce:  # raw writes: a print here could land inside a print that the signal interrupted
@@ -1534,8 +1507,7 @@ class StopSignals:
         elif time.monotonic() - self.received_at > 1.0:
             lost = "no checkpoint was written: all that this run trained is lost"
             if self.last_checkpoint:
-                path, step = self.last_checkpoint
-                lost = f"what was trained after the last checkpoint, {path} (step {step}), is lost"
+                lost = "what was trained after the last checkpoint, {} (step {}), is lost".format(*self.last_checkpoint)
             os.write(sys.stderr.fileno(), f"stopped at once by a second {name}: {lost}\n".encode())
             raise SystemExit(128 + signum)
 
@@ -1624,82 +1596,70 @@ def linear_schedule(initial, final, anneal_steps, step):
 
 def banner(args, observation_space, action_space_shape, agent, device, run_name, checkpoint):
     """What the run is about to do, printed before its first iteration."""
-    if len(action_space_shape) == 1:
-        actions = f"Discrete({action_space_shape[0]})"
-    else:
-        actions = f"MultiDiscrete({list(action_space_shape)})"
+    branches = list(action_space_shape)
+    actions = f"Discrete({branches[0]})" if len(branches) == 1 else f"MultiDiscrete({branches})"
     cpu_fallback = " (CUDA requested but not available: using the CPU)" if args.cuda and device.type == "cpu" else ""
-    iteration_steps = args.batch_size * world_size()
-    ranks = f" x {world_size()} ranks" if world_size() > 1 else ""
-    total_steps = args.num_iterations * iteration_steps
-    transformer = agent.transformer
-    memory = f"memory length {transformer.memory_length}: every step attends to up to {transformer.context} earlier steps of its episode"
+    transformer, iteration_steps = agent.transformer, args.batch_size * world_size()
+    total_steps, ranks = args.num_iterations * iteration_steps, f" x {world_size()} ranks" if world_size() > 1 else ""
+    memory = f"every step attends to up to {transformer.context} earlier steps of its episode"
     if transformer.context == 0:
-        memory = (
-            f"memory length {transformer.memory_length}: no memory, every step attends to nothing (the memoryless control)"
-        )
+        memory = "no memory, every step attends to nothing (the memoryless control)"
     if transformer.memory_length < args.trxl_memory_length:
         memory += (
             f" (--trxl-memory-length {args.trxl_memory_length} clipped to the episode limit {transformer.max_episode_steps})"
         )
-    lines = [f"env {args.env_id} | observations {observation_space} | actions {actions}"]
-    if args.reset_params is not None:
-        lines.append(f"task settings {args.reset_params} | episode limit {transformer.max_episode_steps}")
-    lines += [
+    schedule = f"annealed over {args.anneal_steps:,} steps" if args.anneal_steps else "constant"
+    lines = [
+        f"env {args.env_id} | observations {observation_space} | actions {actions}",
+        args.reset_params and f"task settings {args.reset_params} | episode limit {transformer.max_episode_steps}",
         f"device {device}{cpu_fallback} | model {sum(p.numel() for p in agent.parameters()):,} parameters",
-        memory,
+        f"memory length {transformer.memory_length}: {memory}",
         f"{args.num_iterations:,} iteration{'s' if args.num_iterations > 1 else ''} x {iteration_steps:,} steps "
-        f"({args.num_envs} envs x {args.num_steps} steps{ranks})"
-        f" = {total_steps:,} steps | learning rate and entropy coefficient annealed over {args.anneal_steps:,} steps",
+        f"({args.num_envs} envs x {args.num_steps} steps{ranks}) = {total_steps:,} steps | learning rate and entropy "
+        f"coefficient {schedule}",
+        total_steps != args.total_timesteps
+        and f"--total-timesteps {args.total_timesteps:,} is rounded down to whole iterations: {total_steps:,} steps",
+        checkpoint
+        and f"resuming {checkpoint['path']} at step {checkpoint['global_step']:,} (iteration {checkpoint['iteration']} of "
+        f"{args.num_iterations} done)",
+        f"run directory runs/{run_name} | to watch it: tensorboard --logdir runs",
     ]
-    if total_steps != args.total_timesteps:
-        lines.append(f"--total-timesteps {args.total_timesteps:,} is rounded down to whole iterations: {total_steps:,} steps")
-    if checkpoint:
-        lines.append(
-            f"resuming {checkpoint['path']} at step {checkpoint['global_step']:,} "
-            f"(iteration {checkpoint['iteration']} of {args.num_iterations} done)"
-        )
-    lines.append(f"run directory runs/{run_name} | to watch it: tensorboard --logdir runs")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line)
 
 
 class Console:
     """What rank 0 prints while it trains: a line per iteration, or with progress a tqdm bar over the run's steps.
-    Until the first line, every ten seconds or so, how far the rollout under way has come, and what the run would take
-    at its rate."""
+    Until the first line, every ten seconds or so, how far the rollout under way has come, and what the run would
+    take at its rate."""
 
     def __init__(self, progress, batch_steps, total_steps, global_step):
         self.batch_steps, self.total_steps, self.global_step = batch_steps, total_steps, global_step
         self.bar = tqdm(total=total_steps, initial=global_step, unit="step", dynamic_ncols=True) if progress else None
-        self.taken, self.rollout_started, self.noted, self.lines = 0, None, None, 0
+        self.taken, self.started, self.noted, self.lines = 0, 0.0, 0.0, 0
 
     def rollout_step(self, steps):
-        """steps more steps of the rollout under way, those of every env of every rank."""
+        """steps more steps of the rollout under way, those of every env of every rank"""
         now = time.time()
-        self.rollout_started = self.rollout_started if self.taken else now
-        self.taken += steps
+        self.started, self.taken = self.started if self.taken else now, self.taken + steps
+        done = self.taken == self.batch_steps
         if self.bar is not None:
             self.bar.update(steps)
-            return
-        done = self.taken == self.batch_steps
-        if not self.lines and now - self.rollout_started >= 2 and (done or self.noted is None or now - self.noted >= 10):
-            rate = self.taken / (now - self.rollout_started)
-            remaining = format_duration((self.total_steps - self.global_step) / rate)
+        elif not self.lines and now - self.started >= 2 and (done or now - self.noted >= 10):
+            rate, left = self.taken / (now - self.started), self.total_steps - self.global_step
             print(
-                f"rollout {self.taken:,}/{self.batch_steps:,} steps at {rate:,.0f} steps/s: the run's "
-                f"{self.total_steps - self.global_step:,} steps would take {remaining} at this rate, more with the updates"
-                + ("; updating" if done else ""),
+                f"rollout {self.taken:,}/{self.batch_steps:,} steps at {rate:,.0f} steps/s: the run's {left:,} steps would "
+                f"take {format_duration(left / rate)} at this rate, more with the updates{'; updating' if done else ''}",
                 flush=True,
             )
             self.noted = now
 
     def iteration_done(self, iteration, num_iterations, global_step, sps, episodes):
         self.taken, self.global_step, self.lines = 0, global_step, self.lines + 1
-        remaining = format_duration((self.total_steps - global_step) / max(sps, 1))
         if self.bar is not None:
             self.bar.update(global_step - self.bar.n)
             self.bar.set_postfix_str(f"{sps} SPS | {episodes}")
         else:
+            remaining = format_duration((self.total_steps - global_step) / max(sps, 1))
             print(
                 f"iteration {iteration}/{num_iterations} | step {global_step}/{self.total_steps} | {sps} SPS | {episodes}"
                 f" | remaining {remaining}",
@@ -1731,9 +1691,9 @@ if __name__ == "__main__":
             "left to do; resume with a larger --total-timesteps to train on"
         )
         sys.exit(0)
-    # the run's folder, named by the env id without the module that registers it
+    # the run's folder, named by the env id without the module that registers it, and rank 0's clock
     run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id.rpartition(':')[2]}__{args.exp_name}__{args.seed}"
-    run_name = gather(run_name if checkpoint else f"{run_name}__{int(time.time())}")[0]  # rank 0's clock
+    run_name = gather(run_name if checkpoint else f"{run_name}__{int(time.time())}")[0]
 
     # Seeding: each rank samples and steps its envs with its own seeds
     random.seed(args.seed + rank)
@@ -1741,7 +1701,7 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed + rank)
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
-    # Environments (a resumed run starts fresh episodes, seeded apart from the ones before)
+    # Environments (a resumed run starts fresh episodes, seeded apart from the ones before) and the agent
     envs, next_obs, observation_space, action_space_shape, max_episode_steps = make_envs(
         args, run_name, args.seed + global_step + rank * args.num_envs, capture_video=args.capture_video and rank == 0
     )
@@ -1753,9 +1713,7 @@ if __name__ == "__main__":
     saved_args = {**vars(args), "trxl_memory_length": agent.transformer.memory_length}
     # Under torchrun the update goes through DistributedDataParallel, which starts every rank from rank 0's
     # parameters and averages the gradients of every minibatch across ranks
-    learner = (
-        agent if world_size() == 1 else DistributedDataParallel(agent, device_ids=[device] if device.type == "cuda" else None)
-    )
+    learner = agent if world_size() == 1 else DistributedDataParallel(agent, [device] if device.type == "cuda" else None)
     policy_step = rollout_step
     if args.compile:  # compiled at their first calls, the rollout step once more when its step index changes
         learner, policy_step = torch.compile(learner), compiled_rollout_step()
@@ -1763,26 +1721,17 @@ if __name__ == "__main__":
         args, observation_space, len(action_space_shape), agent.transformer, device, is_minigrid_memory(args.env_id)
     )
     total_steps = args.num_iterations * args.batch_size * world_size()
+
+    # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
+    wandb_id = checkpoint and checkpoint.get("wandb_id")
     if rank == 0:
         print(banner(args, observation_space, action_space_shape, agent, device, run_name, checkpoint), flush=True)
         console = Console(args.progress, args.batch_size * world_size(), total_steps, global_step)
+        if args.track:
+            import wandb
 
-    # Logging (rank 0): a resumed run continues its curves, hiding what was logged after its checkpoint
-    wandb_id = checkpoint.get("wandb_id") if checkpoint else None
-    if args.track and rank == 0:
-        import wandb
-
-        wandb_id = wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=saved_args,
-            name=run_name,
-            id=wandb_id,
-            resume="allow",
-            save_code=True,
-        ).id
-    if rank == 0:
+            run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=wandb_id, resume="allow")
+            wandb_id = wandb.init(**run, config=saved_args, sync_tensorboard=True, save_code=True).id
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
         if not checkpoint:
             writer.add_text(
@@ -1790,22 +1739,16 @@ if __name__ == "__main__":
             )
 
     def write_checkpoint(iteration):
-        """A training checkpoint of the run as it stands after iteration, and its step (rank 0)."""
-        path = save_checkpoint(
-            run_name,
-            args.keep_checkpoints,
-            model_weights=model_weights(agent),
-            args=saved_args,
-            optimizer=optimizer.state_dict(),
-            global_step=global_step,
-            iteration=iteration,
-            wandb_id=wandb_id,
+        """A training checkpoint of the run after iteration (rank 0): its path and step."""
+        state = dict(model_weights=model_weights(agent), args=saved_args, optimizer=optimizer.state_dict(), wandb_id=wandb_id)
+        return (
+            save_checkpoint(run_name, args.keep_checkpoints, **state, global_step=global_step, iteration=iteration),
+            global_step,
         )
-        return path, global_step
 
     def on_rollout_step(s):
-        """After every step of a rollout: a stop request drops the rollout in a single process, where nothing else
-        waits for it; rank 0 shows the rollout's progress."""
+        """After every step of a rollout: a single process drops the rollout for a stop request, as nothing else waits
+        for it; rank 0 shows the rollout's progress."""
         if stop.received and world_size() == 1:
             raise RolloutStopped
         if rank == 0:
@@ -1816,8 +1759,8 @@ if __name__ == "__main__":
     episode_infos = deque(maxlen=100)
     stopping = None  # the signal that all ranks agreed to stop on
     stop.last_checkpoint = checkpoint and (checkpoint["path"], global_step)
-    checkpoint_time = start_time = time.time()
-    start_step = global_step
+    start_time, start_step = time.time(), global_step
+    checkpoint_time = start_time
 
     for iteration in range(start_iteration, args.num_iterations + 1):
         learning_rate = linear_schedule(args.init_lr, args.final_lr, args.anneal_steps, global_step)
@@ -1830,9 +1773,9 @@ if __name__ == "__main__":
                 agent, envs, rollout, next_obs, next_episode_steps, policy_step, on_rollout_step
             )
         except RolloutStopped:  # the model, the optimizer and the step count are those of the last iteration
-            stopping, iteration = stop.received, iteration - 1
-            if iteration >= start_iteration:
-                stop.last_checkpoint = write_checkpoint(iteration)
+            stopping = stop.received
+            if iteration > start_iteration:
+                stop.last_checkpoint = write_checkpoint(iteration - 1)
             break
         global_step += args.batch_size * world_size()
         advantages = rollout.advantages(next_value, next_episode_steps, args.gamma, args.gae_lambda)
@@ -1857,8 +1800,7 @@ if __name__ == "__main__":
         with torch.no_grad():
             y_pred, y_true = rollout.values.flatten(), returns.flatten()
             metrics = {name: torch.stack(values).mean() for name, values in metrics.items()}
-            metrics["episode/advantage_mean"] = advantages.mean()
-            metrics["episode/value_mean"] = y_pred.mean()
+            metrics["episode/advantage_mean"], metrics["episode/value_mean"] = advantages.mean(), y_pred.mean()
             # 0 where the returns do not vary (a sparse reward before its first success): the value explains nothing
             variance = y_true.var()
             metrics["losses/explained_variance"] = torch.where(variance > 0, 1 - (y_true - y_pred).var() / variance, 0.0)
@@ -1867,7 +1809,7 @@ if __name__ == "__main__":
             envs.close()
             if rank == 0:
                 writer.close()  # the earlier iterations' logs
-            last = f"{stop.last_checkpoint[0]}" if stop.last_checkpoint else "none (see --checkpoint-minutes)"
+            last = stop.last_checkpoint[0] if stop.last_checkpoint else "none (see --checkpoint-minutes)"
             fail(
                 f"the loss or the parameters became non-finite at iteration {iteration} (step {global_step}); "
                 f"nothing of it was saved. The last good checkpoint: {last}"
@@ -1879,39 +1821,36 @@ if __name__ == "__main__":
         if rank == 0:
             sps = int((global_step - start_step) / (time.time() - start_time))
             scalars.update({"charts/SPS": sps, "charts/learning_rate": learning_rate, "charts/entropy_coefficient": ent_coef})
+            episodes = "no episode finished yet"
             if episode_infos:
                 r_mean, l_mean, t_mean, *cue_seen = (float(np.mean(column)) for column in zip(*episode_infos))
                 scalars.update({"episode/r_mean": r_mean, "episode/l_mean": l_mean, "episode/t_mean": t_mean})
+                scalars.update({"charts/episodic_return": r_mean, "charts/episodic_length": l_mean})
                 if cue_seen:  # MiniGrid Memory: the fraction of the episodes whose view showed the cue at some step
                     scalars["episode/cue_seen"] = cue_seen[0]
-                scalars.update({"charts/episodic_return": r_mean, "charts/episodic_length": l_mean})
+                episodes = f"return {r_mean:.2f} | length {l_mean:.1f}"
             for name, scalar in scalars.items():
                 writer.add_scalar(name, scalar, global_step)
-            episodes = f"return {r_mean:.2f} | length {l_mean:.1f}" if episode_infos else "no episode finished yet"
             console.iteration_done(iteration, args.num_iterations, global_step, sps, episodes)
-
-            minutes = (time.time() - checkpoint_time) / 60
-            due = args.checkpoint_minutes and minutes >= args.checkpoint_minutes
+            due = args.checkpoint_minutes and time.time() - checkpoint_time >= 60 * args.checkpoint_minutes
             if stopping or due or (args.checkpoint_interval and iteration % args.checkpoint_interval == 0):
                 stop.last_checkpoint, checkpoint_time = write_checkpoint(iteration), time.time()
         if stopping:
             break
 
-    if rank == 0:
-        console.close()
-        if stopping:
-            if stop.last_checkpoint:
-                step = stop.last_checkpoint[1]
-                print(f"stopped by {stopping} at step {step}; resume with: {launcher()} ppo_trxl.py --resume runs/{run_name}")
-            else:
-                print(f"stopped by {stopping} before the first iteration ended: nothing was trained or saved")
     digests = gather(parameters_digest(agent))
     if world_size() > 1:
         print(f"rank {rank}: parameters {digests[rank]}\n", end="", flush=True)  # one write, so ranks' lines stay whole
         if len(set(digests)) > 1:
             fail(f"the ranks ended with different parameters ({', '.join(digests)}): their updates went apart")
     if rank == 0:
-        if args.save_model and not stopping:
+        console.close()
+        if stopping and stop.last_checkpoint:
+            resume = f"{launcher()} ppo_trxl.py --resume runs/{run_name}"
+            print(f"stopped by {stopping} at step {stop.last_checkpoint[1]}; resume with: {resume}")
+        elif stopping:
+            print(f"stopped by {stopping} before the first iteration ended: nothing was trained or saved")
+        elif args.save_model:
             model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
             save_atomically({"model_weights": model_weights(agent), "args": saved_args}, model_path)
             print(f"model saved to {model_path}")

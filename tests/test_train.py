@@ -778,7 +778,10 @@ def test_absolute_positional_encoding_table(trxl):
 
 
 def test_learned_positions_past_the_limit_are_finite(trxl):
-    transformer = trxl.Transformer(1, 8, 2, 10, "learned", 10, "none", 2.0)
+    transformer = trxl.Transformer(
+        trxl.Args(trxl_num_layers=1, trxl_dim=8, trxl_num_heads=2, trxl_memory_length=10, trxl_positional_encoding="learned"),
+        10,
+    )
     with torch.no_grad():
         rows = transformer.positions(torch.arange(40))
     assert rows.shape == (40, 8) and torch.isfinite(rows).all()
@@ -849,7 +852,7 @@ BAD_INPUTS = {
     "gamma": (tiny("ProofofMemory-v0", gamma=1.5), "--gamma is 1.5: it must lie in [0, 1]"),
     "gae-lambda": (tiny("ProofofMemory-v0", gae_lambda=-0.1), "--gae-lambda is -0.1: it must lie in [0, 1]"),
     "learning-rate": (tiny("ProofofMemory-v0", init_lr=-3e-4), "--init-lr is -0.0003: it must be positive"),
-    "anneal-steps": (tiny("ProofofMemory-v0", anneal_steps=-1), "--anneal-steps is -1: it must be 0 or positive"),
+    "anneal-steps": (tiny("ProofofMemory-v0", anneal_steps=-1), "--anneal-steps is -1: it must be 0 (constant coefficients) or positive"),
     "entropy": (tiny("ProofofMemory-v0", final_ent_coef=-1e-3), "--final-ent-coef is -0.001: it must be 0 or positive"),
     "discrete-observations": (tiny("FrozenLake-v1"), "observation space"),
     "settings-not-json": (tiny("MortarMayhem-Grid-v0", reset_params="command_count=3"), "is not a JSON object"),
