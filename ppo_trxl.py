@@ -1421,7 +1421,8 @@ def restore(agent, optimizer, args, checkpoint, restore_rng):
         fail(f"memory length {agent.transformer.memory_length} differs from the checkpoint's {saved['trxl_memory_length']}")
     mismatch = state_dict_mismatch(agent.state_dict(), checkpoint["model_weights"])
     if mismatch:
-        differing = [f"{flag(k)} {v} (the checkpoint's {saved.get(k)})" for k, v in vars(args).items() if v != saved.get(k)]
+        names = [f.name for f in dataclasses.fields(Args) if f.init and getattr(args, f.name) != saved.get(f.name)]
+        differing = [f"{flag(name)} {getattr(args, name)} (the checkpoint's {saved.get(name)})" for name in names]
         fail(
             f"this model does not fit the checkpoint's ({mismatch}): resume with the flags that built it; the flags that "
             f"differ: {', '.join(differing) or 'none'}"
