@@ -660,6 +660,15 @@ class LayerMemory(NamedTuple):
     fresh: Optional[torch.Tensor] = None
 
 
+class Band(NamedTuple):
+    """Which of P slots each of S queries may attend (band_mask), as the attention takes it."""
+
+    mask: torch.Tensor
+    """(N, 1, S, P): 0 where a slot may be attended, -1e20 where not (not -inf: a row without a slot is never NaN)"""
+    sees: torch.Tensor
+    """(N, S, 1) bool: whether a query may attend some slot"""
+
+
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention as published: every head maps its slice of width h = D / H with the same
     values, keys and queries maps, scores are divided by sqrt(D), and fc_out joins the heads."""
@@ -682,25 +691,23 @@ class MultiHeadAttention(nn.Module):
         """slots (N, P, D) the normalised memory -> keys, values (N, H, P, h)"""
         return self.per_head(slots, self.keys), self.per_head(slots, self.values)
 
-    def forward(self, query, memory, allowed, rotation=None, need_weights=False):
-        """query (N, S, D) normalised; memory: the LayerMemory of P slots; allowed (N, S, P) bool (band_mask);
-        rotation: the queries' rotary encoding (Transformer.rotation), or None.
-        A query that may attend no slot gets memory.fresh; without it, it attends uniformly over all P slots, as the
-        published model does (a mask fill of -1e20, not -inf: never NaN).
+    def forward(self, query, memory, band, rotation=None, need_weights=False):
+        """query (N, S, D) normalised; memory: the LayerMemory of P slots; band: the Band of the slots that each query
+        may attend; rotation: the queries' rotary encoding (Transformer.rotation), or None. A query that may attend no
+        slot gets memory.fresh; without it, it attends uniformly over all P slots, as the published model does.
         Returns the output (N, S, D), and with need_weights the attention weights (N, H, S, P), else None."""
         queries = self.per_head(query, self.queries)  # (N, H, S, h)
         if rotation is not None:
             queries = rotate(queries, rotation)
-        mask = torch.where(allowed, 0.0, -1e20).unsqueeze(1)  # (N, 1, S, P)
         if need_weights:
-            weights = torch.softmax(queries @ memory.keys.mT * self.scale + mask, dim=-1)
+            weights = torch.softmax(queries @ memory.keys.mT * self.scale + band.mask, dim=-1)
             attended = weights @ memory.values
         else:  # the same in one fused operation
             weights = None
-            attended = F.scaled_dot_product_attention(queries, memory.keys, memory.values, attn_mask=mask, scale=self.scale)
+            attended = F.scaled_dot_product_attention(queries, memory.keys, memory.values, band.mask, scale=self.scale)
         attended = attended.transpose(1, 2).flatten(-2)  # (N, H, S, h) -> (N, S, D)
         if memory.fresh is not None:
-            attended = torch.where(allowed.any(-1, keepdim=True), attended, memory.fresh)
+            attended = torch.where(band.sees, attended, memory.fresh)
         return self.fc_out(attended), weights
 
 
@@ -737,8 +744,8 @@ class TransformerLayer(nn.Module):
         """x + y, as published, or GTrXL's gate i on y after a ReLU, as the paper has it"""
         return x + y if self.gates is None else self.gates[i](x, F.relu(y))
 
-    def forward(self, x, memory, allowed, rotation=None, need_weights=False):
-        attended, weights = self.attention(self.layer_norm_q(x), memory, allowed, rotation, need_weights)
+    def forward(self, x, memory, band, rotation=None, need_weights=False):
+        attended, weights = self.attention(self.layer_norm_q(x), memory, band, rotation, need_weights)
         x = self.residual(0, x, attended)
         return self.residual(1, x, self.fc_projection(self.layer_norm_attn(x))), weights
 
@@ -829,6 +836,7 @@ class Transformer(nn.Module):
         every layer appends the S steps' own slots as this pass computes them, with their gradients: allowed then
         spans P + S slots. Returns the TransformerOutput."""
         rotation, positions = self.rotation(steps), self.positions(steps) if segment else None
+        band = Band(torch.where(allowed, 0.0, -1e20).unsqueeze(1), allowed.any(-1, keepdim=True))
         layer_inputs, weights = [], []
         for layer, layer_memory in zip(self.transformer_layers, memory):
             layer_inputs.append(x.detach())
@@ -836,7 +844,7 @@ class Transformer(nn.Module):
                 own = self.layer_memory(layer, x if positions is None else x + positions, rotation)
                 keys, values = torch.cat((layer_memory.keys, own.keys), 2), torch.cat((layer_memory.values, own.values), 2)
                 layer_memory = LayerMemory(keys, values, layer_memory.fresh)
-            x, layer_weights = layer(x, layer_memory, allowed, rotation, need_weights)
+            x, layer_weights = layer(x, layer_memory, band, rotation, need_weights)
             weights.append(layer_weights)
         return TransformerOutput(x, torch.stack(layer_inputs, dim=-2), weights)
 
@@ -1054,10 +1062,8 @@ class Timeline:
     def window(self, s):
         """What rollout step s attends to: every layer's LayerMemory of the C slots before slot C + s."""
         window = slice(s, s + self.context)
-        return [
-            LayerMemory(keys[:, :, window], values[:, :, window], fresh)
-            for keys, values, fresh in zip(self.keys, self.values, self.fresh_values)
-        ]
+        keys, values = self.keys[:, :, :, window], self.values[:, :, :, window]  # (L, E, H, C, h)
+        return [LayerMemory(k, v, fresh) for k, v, fresh in zip(keys, values, self.fresh_values)]
 
     def record(self, transformer, s, episode_steps, layer_inputs):
         """Caches rollout step s at episode steps (E,): every layer's input (E, L, D), and its keys and values."""
@@ -1068,9 +1074,9 @@ class Timeline:
     @torch.inference_mode()
     def cache(self, transformer, slots):
         """Caches the keys and values of slots (a slice) under transformer's parameters."""
-        for layer, layer_memory in enumerate(transformer.memory(self.memory[:, slots], self.steps[:, slots])):
-            self.keys[layer, :, :, slots] = layer_memory.keys
-            self.values[layer, :, :, slots] = layer_memory.values
+        memory = transformer.memory(self.memory[:, slots], self.steps[:, slots])
+        self.keys[:, :, :, slots] = torch.stack([layer.keys for layer in memory])
+        self.values[:, :, :, slots] = torch.stack([layer.values for layer in memory])
 
 
 class RolloutEncoder:

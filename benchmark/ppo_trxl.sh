@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The PPO-TrXL experiments: the 8 documented Memory Gym configurations, MiniGrid-MemoryS9 (and its cue-at-start
-# variant, benchmark/minigrid_cue.py) in the configuration that learns it, and ProofofMemory, 3 seeds each, run
-# locally N jobs at a time or submitted to Slurm as a job array (one GPU a job).
+# variant, benchmark/minigrid_cue.py) in the configuration that learns it, ProofofMemory, and the Memory Gym ladder
+# of tasks that learn on two CPU cores, each rung beside its memoryless control; 3 seeds each, run locally N jobs at
+# a time or submitted to Slurm as a job array (one GPU a job).
 #
 #   benchmark/ppo_trxl.sh --dry-run                                   # print every command
 #   benchmark/ppo_trxl.sh --envs ProofofMemory-v0 --jobs 3 -- --no-cuda  # 3 seeds, locally
+#   benchmark/ppo_trxl.sh --envs "MortarMayhem-Grid-3 MortarMayhem-Grid-3-control" --jobs 2   # a rung of the ladder
 #   benchmark/ppo_trxl.sh --slurm --sbatch-args "--partition=gpu --time=2-00:00:00"
-#   python benchmark/plot.py runs --output benchmark/results.png      # curves and the results table
+#   python benchmark/plot.py runs                                     # curves and the results table
 #
 # Flags after `--` are passed to every job (the last of a repeated flag wins in ppo_trxl.py), so a short
 # smoke version is: benchmark/ppo_trxl.sh --jobs 2 -- --no-cuda --total-timesteps 10000
@@ -22,9 +24,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MINIGRID="--num-envs 16 --num-steps 256 --trxl-num-layers 2 --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64
     --trxl-positional-encoding none --init-lr 3.5e-4 --final-lr 3.5e-4 --init-ent-coef 3e-3 --final-ent-coef 3e-3
     --update-epochs 5 --clip-coef 0.1 --max-grad-norm 0.5 --gae-lambda 0.99"
+# The Memory Gym ladder (README.md, Memory Gym on two CPU cores): MortarMayhem-Grid with fewer commands, and a model
+# and batch sized for a CPU; one thread a run. Its memoryless control (a name ending in -control) is the same command
+# with --trxl-memory-length 1. A rung's task settings hold no spaces, so that the shell keeps them one word.
+LADDER="--env-id MortarMayhem-Grid-v0 --num-envs 16 --num-steps 256 --num-minibatches 4 --update-epochs 4
+    --trxl-num-layers 2 --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64 --trxl-segment-gradients --norm-adv
+    --init-lr 3.5e-4 --final-lr 3.5e-4 --init-ent-coef 1e-3 --final-ent-coef 1e-3"
 # Every job saves its final model and a checkpoint every 100 iterations (--resume continues a job that was stopped)
 SAVE="--save-model --checkpoint-interval 100"
-ENV_IDS=(
+EXPERIMENTS=(
     MortarMayhem-Grid-v0
     MortarMayhem-v0
     MysteryPath-Grid-v0
@@ -36,6 +44,10 @@ ENV_IDS=(
     MiniGrid-MemoryS9-v0
     benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0
     ProofofMemory-v0
+    MortarMayhem-Grid-1
+    MortarMayhem-Grid-1-control
+    MortarMayhem-Grid-3
+    MortarMayhem-Grid-3-control
 )
 declare -A CONFIG=(
     [MortarMayhem-Grid-v0]="--norm-adv --trxl-memory-length 119 --total-timesteps 100000000"
@@ -51,13 +63,18 @@ declare -A CONFIG=(
     [ProofofMemory-v0]="--total-timesteps 25000 --num-envs 16 --num-steps 128 --num-minibatches 8 --update-epochs 4
         --trxl-num-layers 4 --trxl-num-heads 1 --trxl-dim 64 --trxl-memory-length 16 --trxl-positional-encoding none
         --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 --clip-coef 0.2"
+    [MortarMayhem-Grid-1]="--reset-params {\"command_count\":[1]} --total-timesteps 512000 $LADDER"
+    [MortarMayhem-Grid-3]="--reset-params {\"command_count\":[3]} --total-timesteps 4096000 $LADDER"
 )
+for rung in MortarMayhem-Grid-1 MortarMayhem-Grid-3; do
+    CONFIG[$rung-control]="${CONFIG[$rung]} --trxl-memory-length 1"
+done
 
 usage() {
     cat <<EOF
 usage: benchmark/ppo_trxl.sh [options] [-- flags for every job]
 
-  --envs "ID ..."       env ids to run (default: all of them)
+  --envs "NAME ..."     experiments to run, by env id or rung name (default: all of them)
   --seeds "N ..."       seeds (default: "1 2 3")
   --jobs N              local: jobs at a time (default 1); slurm: array tasks at a time (default: no limit)
   --slurm               submit a job array with sbatch instead of running locally
@@ -68,11 +85,11 @@ usage: benchmark/ppo_trxl.sh [options] [-- flags for every job]
   --dry-run             print the commands (local) or the job script and commands file (slurm); run nothing
   -h, --help            this help
 
-env ids: ${ENV_IDS[*]}
+experiments: ${EXPERIMENTS[*]}
 EOF
 }
 
-envs=("${ENV_IDS[@]}")
+envs=("${EXPERIMENTS[@]}")
 seeds=(1 2 3)
 jobs=""
 slurm=false
@@ -97,9 +114,9 @@ while (($#)); do
     esac
 done
 
-for env_id in "${envs[@]}"; do
-    if [[ -z "${CONFIG[$env_id]+set}" ]]; then
-        echo "error: '$env_id' is not one of the experiments; choose from: ${ENV_IDS[*]}" >&2
+for name in "${envs[@]}"; do
+    if [[ -z "${CONFIG[$name]+set}" ]]; then
+        echo "error: '$name' is not one of the experiments; choose from: ${EXPERIMENTS[*]}" >&2
         exit 2
     fi
 done
@@ -115,16 +132,21 @@ if [[ "$python" == */* && "$python" != /* ]]; then
     python="$PWD/$python"
 fi
 
-# One shell-quoted command line per (env, seed), env by env
+# One shell-quoted command line per (experiment, seed), experiment by experiment; an experiment named by an env id
+# runs that env, a rung names its env and its exp_name in its flags
 commands=()
 names=()
-for env_id in "${envs[@]}"; do
-    read -ra config <<<"${CONFIG[$env_id]//$'\n'/ }"
+for name in "${envs[@]}"; do
+    read -ra config <<<"${CONFIG[$name]//$'\n'/ }"
+    own=(--env-id "$name")
+    if [[ " ${config[*]} " == *" --env-id "* ]]; then
+        own=(--exp-name "$name")
+    fi
     for seed in "${seeds[@]}"; do
-        command=("$python" ppo_trxl.py --env-id "$env_id" --seed "$seed" "${config[@]}" $SAVE "${extra_flags[@]}")
+        command=("$python" ppo_trxl.py "${own[@]}" --seed "$seed" "${config[@]}" $SAVE "${extra_flags[@]}")
         command_line="$(printf '%q ' "${command[@]}")"
         commands+=("${command_line% }")
-        names+=("${env_id}__${seed}")
+        names+=("${name}__${seed}")
     done
 done
 

@@ -3,6 +3,7 @@ real training runs, throughput.py's command building, memory.py on a tiny config
 on a tiny image config, and minigrid_starts.py on a tiny MiniGrid Memory model."""
 
 import glob
+import json
 import os
 import re
 import shlex
@@ -40,6 +41,7 @@ EXPERIMENT_ENV_IDS = [
     "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0",
     "ProofofMemory-v0",
 ]
+LADDER = ["MortarMayhem-Grid-1", "MortarMayhem-Grid-1-control", "MortarMayhem-Grid-3", "MortarMayhem-Grid-3-control"]
 TINY_RUN = (
     "--env-id ProofofMemory-v0 --num-envs 2 --num-steps 32 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 "
     "--trxl-num-heads 2 --trxl-num-layers 1 --trxl-memory-length 8 --total-timesteps 256 --no-cuda"
@@ -64,11 +66,12 @@ def flag_values(tokens):
 
 def test_dry_run_prints_every_experiment_with_its_flags():
     commands = [shlex.split(line) for line in run(["bash", str(RUNNER), "--dry-run"]).splitlines()]
-    runs = sorted((flag_values(command)["--env-id"], flag_values(command)["--seed"]) for command in commands)
+    documented = [flag_values(command) for command in commands if "--exp-name" not in command]
+    runs = sorted((flags["--env-id"], flags["--seed"]) for flags in documented)
     assert runs == sorted((env_id, seed) for env_id in EXPERIMENT_ENV_IDS for seed in "123")
     assert all(command[:2] == ["python", "ppo_trxl.py"] for command in commands)
 
-    by_env = {flag_values(command)["--env-id"]: flag_values(command) for command in commands}
+    by_env = {flags["--env-id"]: flags for flags in documented}
     save = {"--save-model": True, "--checkpoint-interval": "100"}  # every job leaves its model and checkpoints
     pom = {
         "--total-timesteps": "25000",
@@ -124,6 +127,21 @@ def test_dry_run_prints_every_experiment_with_its_flags():
     )
 
 
+def test_dry_run_runs_the_ladder_beside_its_memoryless_controls():
+    """Every rung of the Memory Gym ladder names its env, its task settings and its exp_name; its control is the same
+    command with memory length 1, and the rung's task settings reach the trainer as one JSON word."""
+    commands = [shlex.split(line) for line in run(["bash", str(RUNNER), "--dry-run", "--seeds", "1"]).splitlines()]
+    rungs = {flags["--exp-name"]: flags for flags in map(flag_values, commands) if "--exp-name" in flags}
+    assert set(rungs) == set(LADDER)
+    for name, flags in rungs.items():
+        assert flags["--env-id"] == "MortarMayhem-Grid-v0" and flags["--trxl-segment-gradients"] is True
+        commands_count = json.loads(flags["--reset-params"])["command_count"]
+        assert commands_count == [int(name.split("-")[2])]
+        assert flags["--trxl-memory-length"] == ("1" if name.endswith("-control") else "64")
+        if not name.endswith("-control"):
+            assert {**rungs[name + "-control"], "--exp-name": name, "--trxl-memory-length": "64"} == flags
+
+
 def test_dry_run_selects_envs_and_seeds_and_passes_flags_through():
     output = run(
         ["bash", str(RUNNER), "--dry-run", "--envs", "ProofofMemory-v0 MysteryPath-v0", "--seeds", "7 8"]
@@ -166,7 +184,7 @@ def test_slurm_dry_run_prints_a_valid_job_array_script(tmp_path):
     script, commands = output.split(f"# {tmp_path}/commands.txt\n")
     script = script.split(f"# {tmp_path}/job.sbatch\n")[1]
     commands = commands.splitlines()
-    assert len(commands) == 3 * len(EXPERIMENT_ENV_IDS)
+    assert len(commands) == 3 * (len(EXPERIMENT_ENV_IDS) + len(LADDER))
     assert "#SBATCH --gres=gpu:1" in script and f"#SBATCH --array=0-{len(commands) - 1}\n" in script
     (tmp_path / "job.sbatch").write_text(script)
     run(["bash", "-n", str(tmp_path / "job.sbatch")])

@@ -852,7 +852,10 @@ BAD_INPUTS = {
     "gamma": (tiny("ProofofMemory-v0", gamma=1.5), "--gamma is 1.5: it must lie in [0, 1]"),
     "gae-lambda": (tiny("ProofofMemory-v0", gae_lambda=-0.1), "--gae-lambda is -0.1: it must lie in [0, 1]"),
     "learning-rate": (tiny("ProofofMemory-v0", init_lr=-3e-4), "--init-lr is -0.0003: it must be positive"),
-    "anneal-steps": (tiny("ProofofMemory-v0", anneal_steps=-1), "--anneal-steps is -1: it must be 0 (constant coefficients) or positive"),
+    "anneal-steps": (
+        tiny("ProofofMemory-v0", anneal_steps=-1),
+        "--anneal-steps is -1: it must be 0 (constant coefficients) or positive",
+    ),
     "entropy": (tiny("ProofofMemory-v0", final_ent_coef=-1e-3), "--final-ent-coef is -0.001: it must be 0 or positive"),
     "discrete-observations": (tiny("FrozenLake-v1"), "observation space"),
     "settings-not-json": (tiny("MortarMayhem-Grid-v0", reset_params="command_count=3"), "is not a JSON object"),
