@@ -7,13 +7,16 @@ Docs: README.md. A one-minute run on the CPU:
         --trxl-positional-encoding none --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 \
         --clip-coef 0.2 --no-cuda
 
-How memory works here. Every layer caches its input at every step; at episode step t a layer attends to
-the cached inputs of the same episode's steps [t - w, t - 1], w = min(t, memory_length - 1): a band that
-ends just before the current step. The band of a sample is a slice of its env's timeline, the stream of
+How memory works here. Every layer caches its input at every step; at an episode's step t a layer attends to
+the cached inputs of the same episode's last steps before t, as many as the window rule (reach) lets it: a band
+that ends just before the current step. The band of a sample is a slice of its env's timeline, the stream of
 steps that the env produced. While acting, each layer's keys and values of a step are computed once and cached,
 as language models do at inference; the update computes them once per chunk of an env's consecutive steps, and
 the scores of a chunk are one matrix product with a band mask. No window is copied per sample. And the update
 encodes each distinct image of a minibatch once: on memory tasks many repeat.
+
+The flags beyond the published model (--trxl-gate, --trxl-positional-encoding rotary, --trxl-segment-gradients) are
+off by default: a published configuration trains as published.
 """
 
 import ctypes
