@@ -63,7 +63,7 @@ declare -A CONFIG=(
     [ProofofMemory-v0]="--total-timesteps 25000 --num-envs 16 --num-steps 128 --num-minibatches 8 --update-epochs 4
         --trxl-num-layers 4 --trxl-num-heads 1 --trxl-dim 64 --trxl-memory-length 16 --trxl-positional-encoding none
         --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 --clip-coef 0.2"
-    [MortarMayhem-Grid-1]="--reset-params {\"command_count\":[1]} --total-timesteps 512000 $LADDER"
+    [MortarMayhem-Grid-1]="--reset-params {\"command_count\":[1]} --total-timesteps 768000 $LADDER"
     [MortarMayhem-Grid-3]="--reset-params {\"command_count\":[3]} --total-timesteps 4096000 $LADDER"
 )
 for rung in MortarMayhem-Grid-1 MortarMayhem-Grid-3; do

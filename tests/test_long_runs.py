@@ -214,6 +214,15 @@ def test_resume_with_another_batch_size_keeps_the_step_budget(killed, start, tmp
     assert run.iterations()[-1][2:] == (total, total), run.stdout
 
 
+def test_a_run_checkpoints_every_few_minutes_by_default(start):
+    """A long run writes a checkpoint once --checkpoint-minutes have passed since the last one, 30 by default; here a
+    hundredth of a second, so after every iteration, of which the newest 3 are kept."""
+    assert ppo_trxl.Args().checkpoint_minutes == 30
+    run = start(tiny("ProofofMemory-v0", total_timesteps=6 * BATCH, checkpoint_minutes=0.0002), "minutes").finish()
+    assert run.returncode == 0, run.stderr
+    assert [path.name for path in checkpoints(run.run_dir)] == [f"step-{BATCH * i:012d}.pt" for i in (4, 5, 6)]
+
+
 # 2. SIGTERM and SIGINT: stop at the next safe point, write a checkpoint, say how to resume
 
 SIGNAL_ITERATIONS = 12
