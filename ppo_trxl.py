@@ -1740,8 +1740,8 @@ if __name__ == "__main__":
         if args.track:
             import wandb
 
-            run = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=wandb_id, resume="allow")
-            wandb_id = wandb.init(**run, config=saved_args, sync_tensorboard=True, save_code=True).id
+            where = dict(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=wandb_id, resume="allow")
+            wandb_id = wandb.init(**where, config=saved_args, sync_tensorboard=True, save_code=True).id
         writer = SummaryWriter(f"runs/{run_name}", purge_step=global_step + 1 if checkpoint else None)
         if not checkpoint:
             writer.add_text(
@@ -1751,10 +1751,8 @@ if __name__ == "__main__":
     def write_checkpoint(iteration):
         """A training checkpoint of the run after iteration (rank 0): its path and step."""
         state = dict(model_weights=model_weights(agent), args=saved_args, optimizer=optimizer.state_dict(), wandb_id=wandb_id)
-        return (
-            save_checkpoint(run_name, args.keep_checkpoints, **state, global_step=global_step, iteration=iteration),
-            global_step,
-        )
+        path = save_checkpoint(run_name, args.keep_checkpoints, **state, global_step=global_step, iteration=iteration)
+        return path, global_step
 
     def on_rollout_step(s):
         """After every step of a rollout: a single process drops the rollout for a stop request, as nothing else waits
