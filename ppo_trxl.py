@@ -1584,8 +1584,8 @@ def keep_freed_memory():
     """Lets glibc's malloc keep freed blocks of up to 64 MiB for reuse instead of handing them back to the system.
 
     Otherwise every large tensor, such as a minibatch's image activations, gets fresh pages from the system and
-    pays a page fault for each on first write: 10-14% of MiniGrid-MemoryS9's time on a 2-core Xeon VM, 8% on a
-    2-core EPYC VM (benchmark/README.md). Does nothing where malloc is not glibc's.
+    pays a page fault for each on first write (its cost: benchmark/README.md, Speed devices). The plain code is
+    none: malloc's defaults. Does nothing where malloc is not glibc's.
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3

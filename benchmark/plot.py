@@ -25,7 +25,8 @@ pooled with another, since returns of different envs are on different scales.
   nothing is cut, so it is the mean) with its 95% stratified-bootstrap confidence interval, percentile method,
   BOOTSTRAP_REPS resamples seeded with BOOTSTRAP_SEED afresh for every row, so that a row does not change when
   other runs are added. One seed gives an interval of one point;
-- published: the final return of the earlier implementation, mean +- std over 3 seeds (episode/r_mean only).
+- published: the final return of the earlier implementation, mean +- std over 3 seeds (episode/r_mean
+  only, and only for runs on the env's default task settings, without --reset-params).
 A setting whose label is long is named in the table by its exp_name and a number, and the lines below the table give
 the label that each number stands for.
 """
@@ -79,6 +80,7 @@ NOT_CONFIGURATION = {
     "async_envs",
     "compile",
     "checkpoint_interval",
+    "checkpoint_minutes",
     "keep_checkpoints",
     "resume",
 }
@@ -98,6 +100,11 @@ class Run:
     steps: np.ndarray
     values: np.ndarray
     hyperparameters: dict
+
+    @property
+    def default_task_settings(self):
+        """whether the run kept its env's default task settings (no --reset-params), the only ones published"""
+        return self.hyperparameters.get("reset_params", "None") == "None"
 
     @property
     def configuration(self):
@@ -278,12 +285,14 @@ def plot(panels, tag, spread, output):
 
 def results_table(panels, tag):
     """A markdown table, a row per env and setting, and below it the labels that the table abbreviates. The published
-    results are final returns: other tags have none."""
+    results are final returns on an env's default task settings: other tags and settings have none."""
     lines = ["| env id | setting | seeds | final | IQM [95% CI] | published |", "| --- | --- | --- | --- | --- | --- |"]
     numbers = {}  # a long label -> its number in the table
     for env_id, settings in panels.items():
-        published = "{:.2f} +- {:.2f}".format(*PUBLISHED[env_id]) if env_id in PUBLISHED and tag == "episode/r_mean" else "-"
         for setting in settings:
+            published = "-"
+            if env_id in PUBLISHED and tag == "episode/r_mean" and setting.runs[0].default_task_settings:
+                published = "{:.2f} +- {:.2f}".format(*PUBLISHED[env_id])
             label = setting.label
             if len(label) > TABLE_LABEL_WIDTH:
                 label = f"{setting.name} [{numbers.setdefault(label, len(numbers) + 1)}]"

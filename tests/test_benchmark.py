@@ -347,27 +347,30 @@ def test_plot_groups_runs_by_configuration_and_warns_before_pooling(tiny_runs, t
 
 
 def test_plot_gives_every_env_a_panel_labelled_by_what_differs_within_it(tiny_runs, tmp_path):
-    """Beside the two tiny ProofofMemory seeds: a tiny MortarMayhem-Grid run with other flags, the only setting of its
-    env, so that env_id and those flags name nothing; and a ProofofMemory run that differs from the seeds in four flags,
-    which name it in its panel's legend and, being long, below the table, the table naming it by a number."""
+    """Beside the two tiny ProofofMemory seeds: two tiny MortarMayhem-Grid runs with other flags, which only their task
+    settings tell apart, so that env_id and the shared flags name nothing, and the published result stands beside the
+    default settings alone; and a ProofofMemory run that differs from the seeds in four flags, which name it in its
+    panel's legend and, being long, below the table, the table naming it by a number."""
     runs = shutil.copytree(tiny_runs, tmp_path / "runs")
     trainer = [sys.executable, str(ROOT / "ppo_trxl.py"), *TINY_RUN]
-    mortar_flags = ["--env-id", "MortarMayhem-Grid-v0", "--num-steps", "64", "--trxl-memory-length", "16"]
+    mortar_flags = ["--env-id", "MortarMayhem-Grid-v0", "--num-steps", "64", "--trxl-memory-length", "8"]
+    one_command = mortar_flags + ["--reset-params", '{"command_count": [1]}', "--checkpoint-minutes", "0", "--seed", "2"]
     pom_flags = ["--gamma", "0.9", "--gae-lambda", "0.9", "--clip-coef", "0.3", "--trxl-memory-length", "16"]
     trainings = [
         subprocess.Popen(trainer + flags, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL)
-        for flags in (mortar_flags, pom_flags)
+        for flags in (mortar_flags, one_command, pom_flags)
     ]
-    assert [training.wait(timeout=120) for training in trainings] == [0, 0]
+    assert [training.wait(timeout=180) for training in trainings] == [0, 0, 0]
 
     output = run([sys.executable, str(ROOT / "benchmark" / "plot.py"), str(runs), "--output", str(tmp_path / "envs.png")])
-    (mortar,) = table_rows(output, "MortarMayhem-Grid-v0")
-    assert mortar[1] == "ppo_trxl" and mortar[5] == "0.99 +- 0.00"
-    check_cells(mortar, [logged_values(next(runs.glob("MortarMayhem-Grid-v0__*")))])
-    assert [row[1] for row in table_rows(output, "ProofofMemory-v0")] == ["ppo_trxl [1]", "ppo_trxl [2]"]
-    assert output.splitlines()[-2:] == [
-        "[1] ppo_trxl clip_coef=0.1, gae_lambda=0.95, gamma=0.995, trxl_memory_length=8",
-        "[2] ppo_trxl clip_coef=0.3, gae_lambda=0.9, gamma=0.9, trxl_memory_length=16",
+    mortar = {row[1]: row for row in table_rows(output, "MortarMayhem-Grid-v0")}
+    assert mortar.keys() == {"ppo_trxl reset_params=None", "ppo_trxl [1]"}, output
+    assert mortar["ppo_trxl reset_params=None"][5] == "0.99 +- 0.00" and mortar["ppo_trxl [1]"][5] == "-"
+    assert [row[1] for row in table_rows(output, "ProofofMemory-v0")] == ["ppo_trxl [2]", "ppo_trxl [3]"]
+    assert output.splitlines()[-3:] == [
+        '[1] ppo_trxl reset_params={"command_count": [1]}',
+        "[2] ppo_trxl clip_coef=0.1, gae_lambda=0.95, gamma=0.995, trxl_memory_length=8",
+        "[3] ppo_trxl clip_coef=0.3, gae_lambda=0.9, gamma=0.9, trxl_memory_length=16",
     ]
     assert "env_id" not in output and "num_steps" not in output
     assert max(len(line) for line in output.splitlines() if line.startswith("|")) < 300
