@@ -266,7 +266,7 @@ def plot(panels, tag, spread, output):
                 low, high = values.min(0), values.max(0)
             ax.plot(steps, mean, color=f"C{i}", marker="o" if len(steps) == 1 else None, label=label)
             ax.fill_between(steps, low, high, color=f"C{i}", alpha=0.25, linewidth=0)
-        if env_id in PUBLISHED and tag == "episode/r_mean":
+        if any(published_result(env_id, setting, tag) for setting in settings):
             ax.axhline(PUBLISHED[env_id][0], color="gray", linestyle="--", linewidth=1, label="published final")
         ax.set_title(env_id)
         ax.set_xlabel("steps")
@@ -283,16 +283,22 @@ def plot(panels, tag, spread, output):
     plt.close(figure)
 
 
+def published_result(env_id, setting, tag):
+    """(mean, std) of the published final return that the setting's runs compare with, or None: the published results
+    are final returns on an env's default task settings."""
+    if tag == "episode/r_mean" and setting.runs[0].default_task_settings:
+        return PUBLISHED.get(env_id)
+    return None
+
+
 def results_table(panels, tag):
-    """A markdown table, a row per env and setting, and below it the labels that the table abbreviates. The published
-    results are final returns on an env's default task settings: other tags and settings have none."""
+    """A markdown table, a row per env and setting, and below it the labels that the table abbreviates."""
     lines = ["| env id | setting | seeds | final | IQM [95% CI] | published |", "| --- | --- | --- | --- | --- | --- |"]
     numbers = {}  # a long label -> its number in the table
     for env_id, settings in panels.items():
         for setting in settings:
-            published = "-"
-            if env_id in PUBLISHED and tag == "episode/r_mean" and setting.runs[0].default_task_settings:
-                published = "{:.2f} +- {:.2f}".format(*PUBLISHED[env_id])
+            result = published_result(env_id, setting, tag)
+            published = "{:.2f} +- {:.2f}".format(*result) if result else "-"
             label = setting.label
             if len(label) > TABLE_LABEL_WIDTH:
                 label = f"{setting.name} [{numbers.setdefault(label, len(numbers) + 1)}]"

@@ -42,6 +42,7 @@ EXPERIMENT_ENV_IDS = [
     "ProofofMemory-v0",
 ]
 LADDER = ["MortarMayhem-Grid-1", "MortarMayhem-Grid-1-control", "MortarMayhem-Grid-3", "MortarMayhem-Grid-3-control"]
+NAMED_EXPERIMENTS = [*LADDER, "MiniGrid-MemoryS9-segments"]  # experiments named otherwise than by their env id
 TINY_RUN = (
     "--env-id ProofofMemory-v0 --num-envs 2 --num-steps 32 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 "
     "--trxl-num-heads 2 --trxl-num-layers 1 --trxl-memory-length 8 --total-timesteps 256 --no-cuda"
@@ -116,6 +117,9 @@ def test_dry_run_prints_every_experiment_with_its_flags():
         **minigrid,
         **save,
     }
+    named = {flags["--exp-name"]: flags for flags in map(flag_values, commands) if "--exp-name" in flags}  # seed 3's
+    segments = {**by_env["MiniGrid-MemoryS9-v0"], "--exp-name": "MiniGrid-MemoryS9-segments", "--trxl-segment-gradients": True}
+    assert named["MiniGrid-MemoryS9-segments"] == segments
     cue = "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0"
     assert by_env[cue] == {"--env-id": cue, "--seed": "3", "--total-timesteps": "1024000", **minigrid, **save}
     assert by_env["MortarMayhem-Grid-v0"]["--norm-adv"] is True
@@ -131,7 +135,7 @@ def test_dry_run_runs_the_ladder_beside_its_memoryless_controls():
     """Every rung of the Memory Gym ladder names its env, its task settings and its exp_name; its control is the same
     command with memory length 1, and the rung's task settings reach the trainer as one JSON word."""
     commands = [shlex.split(line) for line in run(["bash", str(RUNNER), "--dry-run", "--seeds", "1"]).splitlines()]
-    rungs = {flags["--exp-name"]: flags for flags in map(flag_values, commands) if "--exp-name" in flags}
+    rungs = {flags["--exp-name"]: flags for flags in map(flag_values, commands) if "--reset-params" in flags}
     assert set(rungs) == set(LADDER)
     for name, flags in rungs.items():
         assert flags["--env-id"] == "MortarMayhem-Grid-v0" and flags["--trxl-segment-gradients"] is True
@@ -184,7 +188,7 @@ def test_slurm_dry_run_prints_a_valid_job_array_script(tmp_path):
     script, commands = output.split(f"# {tmp_path}/commands.txt\n")
     script = script.split(f"# {tmp_path}/job.sbatch\n")[1]
     commands = commands.splitlines()
-    assert len(commands) == 3 * (len(EXPERIMENT_ENV_IDS) + len(LADDER))
+    assert len(commands) == 3 * (len(EXPERIMENT_ENV_IDS) + len(NAMED_EXPERIMENTS))
     assert "#SBATCH --gres=gpu:1" in script and f"#SBATCH --array=0-{len(commands) - 1}\n" in script
     (tmp_path / "job.sbatch").write_text(script)
     run(["bash", "-n", str(tmp_path / "job.sbatch")])
