@@ -42,7 +42,7 @@ EXPERIMENT_ENV_IDS = [
     "ProofofMemory-v0",
 ]
 LADDER = ["MortarMayhem-Grid-1", "MortarMayhem-Grid-1-control", "MortarMayhem-Grid-3", "MortarMayhem-Grid-3-control"]
-NAMED_EXPERIMENTS = [*LADDER, "MiniGrid-MemoryS9-segments"]  # experiments named otherwise than by their env id
+NAMED_EXPERIMENTS = [*LADDER, "MiniGrid-MemoryS9-segments", "MiniGrid-MemoryS9-gate"]  # experiments named otherwise than by their env id
 TINY_RUN = (
     "--env-id ProofofMemory-v0 --num-envs 2 --num-steps 32 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 "
     "--trxl-num-heads 2 --trxl-num-layers 1 --trxl-memory-length 8 --total-timesteps 256 --no-cuda"
@@ -120,6 +120,9 @@ def test_dry_run_prints_every_experiment_with_its_flags():
     named = {flags["--exp-name"]: flags for flags in map(flag_values, commands) if "--exp-name" in flags}  # seed 3's
     segments = {**by_env["MiniGrid-MemoryS9-v0"], "--exp-name": "MiniGrid-MemoryS9-segments", "--trxl-segment-gradients": True}
     assert named["MiniGrid-MemoryS9-segments"] == segments
+    gate = {**segments, "--exp-name": "MiniGrid-MemoryS9-gate", "--total-timesteps": "1024000", "--trxl-gate": "gru"}
+    del gate["--trxl-segment-gradients"]
+    assert named["MiniGrid-MemoryS9-gate"] == gate
     cue = "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0"
     assert by_env[cue] == {"--env-id": cue, "--seed": "3", "--total-timesteps": "1024000", **minigrid, **save}
     assert by_env["MortarMayhem-Grid-v0"]["--norm-adv"] is True
