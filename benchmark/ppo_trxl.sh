@@ -22,7 +22,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # max grad norm 0.5 and GAE lambda 0.99 (gamma stays at its default 0.995): the documented MiniGrid-MemoryS9
 # configuration ends in the memoryless trap, and so does this one with gamma 0.99 (README.md). MiniGrid-MemoryS9-segments
 # adds the update's gradients through its chunks, MiniGrid-MemoryS9-gate GTrXL's gates, which learn S9 in half the
-# budget (README.md, Beyond the published model).
+# budget, and MiniGrid-MemoryS9-gate-segments both, which learn it fastest (README.md, Beyond the published model).
 MINIGRID="--num-envs 16 --num-steps 256 --trxl-num-layers 2 --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64
     --trxl-positional-encoding none --init-lr 3.5e-4 --final-lr 3.5e-4 --init-ent-coef 3e-3 --final-ent-coef 3e-3
     --update-epochs 5 --clip-coef 0.1 --max-grad-norm 0.5 --gae-lambda 0.99"
@@ -47,6 +47,7 @@ EXPERIMENTS=(
     benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0
     MiniGrid-MemoryS9-segments
     MiniGrid-MemoryS9-gate
+    MiniGrid-MemoryS9-gate-segments
     ProofofMemory-v0
     MortarMayhem-Grid-1
     MortarMayhem-Grid-1-control
@@ -66,6 +67,8 @@ declare -A CONFIG=(
     [benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0]="--total-timesteps 1024000 $MINIGRID"
     [MiniGrid-MemoryS9-segments]="--env-id MiniGrid-MemoryS9-v0 --total-timesteps 2048000 $MINIGRID --trxl-segment-gradients"
     [MiniGrid-MemoryS9-gate]="--env-id MiniGrid-MemoryS9-v0 --total-timesteps 1024000 $MINIGRID --trxl-gate gru"
+    [MiniGrid-MemoryS9-gate-segments]="--env-id MiniGrid-MemoryS9-v0 --total-timesteps 1024000 $MINIGRID --trxl-gate gru
+        --trxl-segment-gradients"
     [ProofofMemory-v0]="--total-timesteps 25000 --num-envs 16 --num-steps 128 --num-minibatches 8 --update-epochs 4
         --trxl-num-layers 4 --trxl-num-heads 1 --trxl-dim 64 --trxl-memory-length 16 --trxl-positional-encoding none
         --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 --clip-coef 0.2"

@@ -42,7 +42,8 @@ EXPERIMENT_ENV_IDS = [
     "ProofofMemory-v0",
 ]
 LADDER = ["MortarMayhem-Grid-1", "MortarMayhem-Grid-1-control", "MortarMayhem-Grid-3", "MortarMayhem-Grid-3-control"]
-NAMED_EXPERIMENTS = [*LADDER, "MiniGrid-MemoryS9-segments", "MiniGrid-MemoryS9-gate"]  # experiments named otherwise than by their env id
+# experiments named otherwise than by their env id
+NAMED_EXPERIMENTS = [*LADDER, "MiniGrid-MemoryS9-segments", "MiniGrid-MemoryS9-gate", "MiniGrid-MemoryS9-gate-segments"]
 TINY_RUN = (
     "--env-id ProofofMemory-v0 --num-envs 2 --num-steps 32 --num-minibatches 2 --update-epochs 1 --trxl-dim 32 "
     "--trxl-num-heads 2 --trxl-num-layers 1 --trxl-memory-length 8 --total-timesteps 256 --no-cuda"
@@ -123,6 +124,8 @@ def test_dry_run_prints_every_experiment_with_its_flags():
     gate = {**segments, "--exp-name": "MiniGrid-MemoryS9-gate", "--total-timesteps": "1024000", "--trxl-gate": "gru"}
     del gate["--trxl-segment-gradients"]
     assert named["MiniGrid-MemoryS9-gate"] == gate
+    both = {**gate, "--exp-name": "MiniGrid-MemoryS9-gate-segments", "--trxl-segment-gradients": True}
+    assert named["MiniGrid-MemoryS9-gate-segments"] == both
     cue = "benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0"
     assert by_env[cue] == {"--env-id": cue, "--seed": "3", "--total-timesteps": "1024000", **minigrid, **save}
     assert by_env["MortarMayhem-Grid-v0"]["--norm-adv"] is True
