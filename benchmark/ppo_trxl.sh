@@ -26,6 +26,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MINIGRID="--num-envs 16 --num-steps 256 --trxl-num-layers 2 --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64
     --trxl-positional-encoding none --init-lr 3.5e-4 --final-lr 3.5e-4 --init-ent-coef 3e-3 --final-ent-coef 3e-3
     --update-epochs 5 --clip-coef 0.1 --max-grad-norm 0.5 --gae-lambda 0.99"
+S9="--env-id MiniGrid-MemoryS9-v0 $MINIGRID"
 # The Memory Gym ladder (README.md, Memory Gym on two CPU cores): MortarMayhem-Grid with fewer commands, and a model
 # and batch sized for a CPU; one thread a run. Its memoryless control (a name ending in -control) is the same command
 # with --trxl-memory-length 1. A rung's task settings hold no spaces, so that the shell keeps them one word.
@@ -65,10 +66,9 @@ declare -A CONFIG=(
     [Endless-SearingSpotlights-v0]="--reconstruction-coef 0.1 --trxl-memory-length 256 --total-timesteps 350000000"
     [MiniGrid-MemoryS9-v0]="--total-timesteps 2048000 $MINIGRID"
     [benchmark.minigrid_cue:MiniGrid-MemoryS9Cue-v0]="--total-timesteps 1024000 $MINIGRID"
-    [MiniGrid-MemoryS9-segments]="--env-id MiniGrid-MemoryS9-v0 --total-timesteps 2048000 $MINIGRID --trxl-segment-gradients"
-    [MiniGrid-MemoryS9-gate]="--env-id MiniGrid-MemoryS9-v0 --total-timesteps 1024000 $MINIGRID --trxl-gate gru"
-    [MiniGrid-MemoryS9-gate-segments]="--env-id MiniGrid-MemoryS9-v0 --total-timesteps 1024000 $MINIGRID --trxl-gate gru
-        --trxl-segment-gradients"
+    [MiniGrid-MemoryS9-segments]="--total-timesteps 2048000 $S9 --trxl-segment-gradients"
+    [MiniGrid-MemoryS9-gate]="--total-timesteps 1024000 $S9 --trxl-gate gru"
+    [MiniGrid-MemoryS9-gate-segments]="--total-timesteps 1024000 $S9 --trxl-gate gru --trxl-segment-gradients"
     [ProofofMemory-v0]="--total-timesteps 25000 --num-envs 16 --num-steps 128 --num-minibatches 8 --update-epochs 4
         --trxl-num-layers 4 --trxl-num-heads 1 --trxl-dim 64 --trxl-memory-length 16 --trxl-positional-encoding none
         --vf-coef 0.1 --max-grad-norm 0.5 --init-lr 3e-4 --init-ent-coef 0.001 --clip-coef 0.2"
