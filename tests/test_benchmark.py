@@ -138,8 +138,9 @@ def test_dry_run_prints_every_experiment_with_its_flags():
 
 
 def test_dry_run_runs_the_ladder_beside_its_memoryless_controls():
-    """Every rung of the Memory Gym ladder names its env, its task settings and its exp_name; its control is the same
-    command with memory length 1, and the rung's task settings reach the trainer as one JSON word."""
+    """Every rung of the Memory Gym ladder names its env, its task settings, its epochs (4 for one command, 8 for
+    three) and its exp_name; its control is the same command with memory length 1, and the rung's task settings reach
+    the trainer as one JSON word."""
     commands = [shlex.split(line) for line in run(["bash", str(RUNNER), "--dry-run", "--seeds", "1"]).splitlines()]
     rungs = {flags["--exp-name"]: flags for flags in map(flag_values, commands) if "--reset-params" in flags}
     assert set(rungs) == set(LADDER)
@@ -148,6 +149,7 @@ def test_dry_run_runs_the_ladder_beside_its_memoryless_controls():
         commands_count = json.loads(flags["--reset-params"])["command_count"]
         assert commands_count == [int(name.split("-")[2])]
         assert flags["--trxl-memory-length"] == ("1" if name.endswith("-control") else "64")
+        assert flags["--update-epochs"] == ("4" if commands_count == [1] else "8")
         if not name.endswith("-control"):
             assert {**rungs[name + "-control"], "--exp-name": name, "--trxl-memory-length": "64"} == flags
 
