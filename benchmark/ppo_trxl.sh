@@ -20,9 +20,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The documented configurations (REFERENCE.md section 3); Memory Gym ones go on top of the defaults. MiniGrid Memory
 # runs without a positional encoding, with a constant learning rate 3.5e-4 and entropy bonus 3e-3, 5 epochs, clip 0.1,
 # max grad norm 0.5 and GAE lambda 0.99 (gamma stays at its default 0.995): the documented MiniGrid-MemoryS9
-# configuration ends in the memoryless trap, and so does this one with gamma 0.99 (README.md). MiniGrid-MemoryS9-segments
-# adds the update's gradients through its chunks, MiniGrid-MemoryS9-gate GTrXL's gates, which learn S9 in half the
-# budget, and MiniGrid-MemoryS9-gate-segments both, which learn it fastest (README.md, Beyond the published model).
+# configuration ends in the memoryless trap, and so does this one with gamma 0.99 (README.md).
+# MiniGrid-MemoryS9-segments adds the update's gradients through its chunks, MiniGrid-MemoryS9-gate GTrXL's gates,
+# which learn S9 in half the budget, and MiniGrid-MemoryS9-gate-segments both, which learn it fastest (README.md,
+# Beyond the published model).
 MINIGRID="--num-envs 16 --num-steps 256 --trxl-num-layers 2 --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64
     --trxl-positional-encoding none --init-lr 3.5e-4 --final-lr 3.5e-4 --init-ent-coef 3e-3 --final-ent-coef 3e-3
     --update-epochs 5 --clip-coef 0.1 --max-grad-norm 0.5 --gae-lambda 0.99"
