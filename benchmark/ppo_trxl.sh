@@ -29,8 +29,8 @@ MINIGRID="--num-envs 16 --num-steps 256 --trxl-num-layers 2 --trxl-num-heads 4 -
     --update-epochs 5 --clip-coef 0.1 --max-grad-norm 0.5 --gae-lambda 0.99"
 S9="--env-id MiniGrid-MemoryS9-v0 $MINIGRID"
 # The Memory Gym ladder (README.md, Memory Gym on two CPU cores): MortarMayhem-Grid with fewer commands, and a model
-# and batch sized for a CPU; one thread a run; 4 epochs for one command, 8 for three (with 4, one seed of three ends
-# below 0.9 of the best). Its memoryless control (a name ending in -control) is the same command with
+# and batch sized for a CPU; one thread a run; each rung names its epochs (with 4, one seed of three of the
+# three-command rung ends below 0.9 of the best). Its memoryless control (a name ending in -control) is the same command with
 # --trxl-memory-length 1. A rung's task settings hold no spaces, so that the shell keeps them one word.
 LADDER="--env-id MortarMayhem-Grid-v0 --num-envs 16 --num-steps 256 --num-minibatches 4
     --trxl-num-layers 2 --trxl-num-heads 4 --trxl-dim 256 --trxl-memory-length 64 --trxl-segment-gradients --norm-adv
